@@ -1,0 +1,127 @@
+"""Centralized baselines of the paper: Single, Joint, SepNorm and contrastive joint learning.
+
+``fl-covid-central --config configs/default.yaml --method contrastive --set epochs=5`` trains on the pooled
+sites (or each site alone for ``single``) with the same engine as the federated client, evaluates every site on
+its own test fold and prints the run directory as the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fl_covid.config import CENTRAL_METHODS, Config, ConfigError, load_config, parse_overrides, to_json
+from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_site
+from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
+from fl_covid.metrics import roc_on_grid
+from fl_covid.model import create_model
+from fl_covid.reporting import RunWriter, new_run_dir, write_csv
+
+log = logging.getLogger(__name__)
+
+
+def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], members: list[int],
+               writer: RunWriter, device: torch.device, bar: tqdm) -> dict[str, dict]:
+    """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site."""
+    per_site_bn = method in ("sepnorm", "contrastive")
+    model = create_model(config.arch, config.width, len(members) if per_site_bn else 1,
+                         image_size=config.image_size)
+    optimizer = make_optimizer(model, config.lr)
+    streams = {k: IndexStream(sites[k][1].train, torch.Generator().manual_seed(config.seed + k)) for k in members}
+    aug_gen = torch.Generator().manual_seed(config.seed + 1000 + members[0])
+    steps_per_epoch = math.ceil(max(len(sites[k][1].train) for k in members) / config.batch_size)
+    total = config.epochs * steps_per_epoch
+
+    def next_batch() -> list[Chunk]:
+        chunks = []
+        for j, k in enumerate(members):
+            idx = streams[k].next(config.batch_size)
+            chunks.append(Chunk(j if per_site_bn else 0, sites[k][0].images[idx], sites[k][0].labels[idx]))
+        if not per_site_bn and len(chunks) > 1:  # pooled: one batch through shared BN
+            chunks = [Chunk(0, torch.cat([c.images for c in chunks]), torch.cat([c.labels for c in chunks]))]
+        return chunks
+
+    alpha = config.alpha if method == "contrastive" else 0.0
+    for epoch in range(1, config.epochs + 1):
+        start = (epoch - 1) * steps_per_epoch
+        stats = train_steps(
+            model, optimizer, next_batch, steps_per_epoch, image_size=config.image_size, generator=aug_gen,
+            alpha=alpha, temperature=config.temperature, grad_clip=config.grad_clip,
+            lr_at=lambda s: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
+        )
+        for j, k in enumerate(members):
+            site, split = sites[k]
+            val, _ = evaluate(model, site.images[split.val], site.labels[split.val], j if per_site_bn else 0,
+                              config.image_size, device)
+            writer.log({"epoch": epoch, "site": site.name, "site_id": k, **stats,
+                        **{f"val_{m}": v for m, v in val.items()}, "auc": val["auc"]})
+        bar.set_postfix(loss=f"{stats['loss']:.3f}")
+    results = {}
+    for j, k in enumerate(members):
+        site, split = sites[k]
+        metrics, probs = evaluate(model, site.images[split.test], site.labels[split.test],
+                                  j if per_site_bn else 0, config.image_size, device)
+        labels = site.labels[split.test].numpy()
+        write_csv(writer.dir / f"predictions_{site.name}.csv",
+                  [{"path": site.paths[i], "label": int(y), "prob_covid": float(p)}
+                   for i, y, p in zip(split.test.tolist(), labels, probs)])
+        results[site.name] = {"metrics": metrics, "roc": roc_on_grid(labels, probs)}
+    return results
+
+
+def run_central(config: Config, method: str, show_progress: bool = True) -> Path:
+    """Train ``method`` on the configured sites and fold; returns the run directory."""
+    if method not in CENTRAL_METHODS:
+        raise ConfigError(f"method must be one of {CENTRAL_METHODS}, got {method!r}")
+    if method == "contrastive" and config.arch != "redesigned":
+        raise ConfigError("method 'contrastive' needs arch=redesigned (the original COVID-Net has no projection)")
+    config = config.replace(method=method)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    device = select_device(config.device)
+    sites = [load_configured_site(config, k) for k in range(len(config.sites))]
+    writer = RunWriter(new_run_dir(config.resolved_output_dir(), method, config.tag), to_json(config))
+    groups = [[k] for k in range(len(sites))] if method == "single" else [list(range(len(sites)))]
+    total = sum(config.epochs * math.ceil(max(len(sites[k][1].train) for k in g) / config.batch_size)
+                for g in groups)
+    results: dict[str, dict] = {}
+    with tqdm(total=total, desc=f"{method}", unit="step", disable=not show_progress) as bar:
+        for members in groups:
+            results.update(_train_one(config, method, sites, members, writer, device, bar))
+    final = writer.finish(method, {s: r["metrics"] for s, r in results.items()},
+                          {s: r["roc"] for s, r in results.items()}, protocol=config.protocol, fold=config.fold,
+                          seed=config.seed)
+    for site, m in final["sites"].items():
+        log.info("%s %s: AUC %.4f accuracy %.4f (n=%d)", method, site, m["auc"], m["accuracy"], m["n"])
+    return writer.dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fl-covid-central", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.yaml", help="YAML experiment config")
+    parser.add_argument("--method", required=True, choices=CENTRAL_METHODS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config, parse_overrides(args.set))
+        run_dir = run_central(config, args.method, show_progress=not args.quiet)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    final = (run_dir / "final_metrics.json").read_text()
+    print(final.strip())
+    print(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

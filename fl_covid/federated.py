@@ -1,0 +1,131 @@
+"""What one site does in a federated round, free of Flower: FedAvg, FedBN and FedBN + prototype contrastive.
+
+Shared weights are every tensor except BatchNorm's (all tensors under FedAvg). A site's BN parameters and
+statistics, its optimizer state and the round it last completed stay with the site (``LocalState``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fl_covid.checkpoint import StateStore, optimizer_from_tensors, optimizer_to_tensors
+from fl_covid.config import Config
+from fl_covid.data import IndexStream, Site, Split
+from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, set_lr, train_steps
+from fl_covid.metrics import roc_on_grid
+from fl_covid.model import COVIDNet, bn_keys, create_model, load_partial
+from fl_covid.prototypes import PrototypeBank, class_prototypes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalState:
+    """What never leaves a site: BN tensors, optimizer state and the last completed round."""
+
+    bn: dict[str, torch.Tensor] = field(default_factory=dict)
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
+    round: int = 0
+
+    def save(self, folder: Path) -> None:
+        """Persist atomically so that a restarted site resumes with its own BN."""
+        StateStore(folder).save({"bn": self.bn, "optimizer": self.optimizer}, {"round": self.round})
+
+    @staticmethod
+    def load(folder: Path) -> "LocalState | None":
+        loaded = StateStore(folder).load(("bn", "optimizer"))
+        if loaded is None:
+            return None
+        tensors, meta = loaded
+        return LocalState(tensors.get("bn", {}), tensors.get("optimizer", {}), int(meta["round"]))
+
+
+def shares_bn(method: str) -> bool:
+    """FedAvg averages BN like any weight; FedBN methods keep it local."""
+    return method == "fedavg"
+
+
+def shared_keys(model: COVIDNet, method: str) -> list[str]:
+    """Names of the tensors a site sends and receives under ``method``, in state-dict order."""
+    local = set() if shares_bn(method) else bn_keys(model)
+    return [k for k in model.state_dict() if k not in local]
+
+
+def initial_shared(config: Config) -> dict[str, torch.Tensor]:
+    """The server's starting weights (seeded): the same subset the sites exchange."""
+    torch.manual_seed(config.seed)
+    model = create_model(config.arch, config.width, 1, image_size=config.image_size)
+    state = model.state_dict()
+    return {k: state[k] for k in shared_keys(model, config.method)}
+
+
+class SiteRunner:
+    """One site's model, data and local state handling for a round of training or evaluation."""
+
+    def __init__(self, config: Config, site_id: int, site: Site, split: Split, device: torch.device) -> None:
+        self.config, self.site_id, self.site, self.split, self.device = config, site_id, site, split, device
+        self.model = create_model(config.arch, config.width, 1, image_size=config.image_size)
+        self.keys = shared_keys(self.model, config.method)
+        self.local_keys = set(self.model.state_dict()) - set(self.keys)
+
+    def _load(self, shared: dict[str, torch.Tensor], local: LocalState | None) -> None:
+        """Shared weights from the server; this site's own BN when it has one (FedBN)."""
+        if list(shared) != self.keys:
+            raise ValueError(f"site '{self.site.name}': received {len(shared)} shared tensors, expected "
+                             f"{len(self.keys)} for method {self.config.method}")
+        tensors = dict(shared)
+        if local is not None and local.bn and not shares_bn(self.config.method):
+            tensors.update(local.bn)
+        load_partial(self.model, tensors, self.local_keys - set(tensors))
+
+    def train(self, shared: dict[str, torch.Tensor], local: LocalState | None, lr: float, server_round: int,
+              bank: PrototypeBank | None) -> tuple[dict[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None,
+                                                   dict[str, float], LocalState]:
+        """One round: returns (shared weights, prototypes (C, D) + counts (C,) or None, metrics, new local state)."""
+        started = time.perf_counter()
+        cfg = self.config
+        self._load(shared, local)
+        optimizer = make_optimizer(self.model, lr)
+        if local is not None and local.optimizer:
+            optimizer_from_tensors(optimizer, local.optimizer)
+        set_lr(optimizer, lr)
+        seed = cfg.seed * 1_000_003 + self.site_id * 10_007 + server_round
+        stream = IndexStream(self.split.train, torch.Generator().manual_seed(seed))
+        images, labels = self.site.images, self.site.labels
+
+        def next_batch() -> list[Chunk]:
+            idx = stream.next(cfg.batch_size)
+            return [Chunk(0, images[idx], labels[idx])]
+
+        proto = cfg.method == "fedbn-proto"
+        candidates = bank.candidates_for(self.site_id) if (proto and bank is not None) else None
+        stats = train_steps(
+            self.model, optimizer, next_batch, cfg.local_steps, image_size=cfg.image_size,
+            generator=torch.Generator().manual_seed(seed + 1), alpha=cfg.alpha if proto else 0.0,
+            temperature=cfg.temperature, candidates=candidates, grad_clip=cfg.grad_clip, device=self.device,
+        )
+        prototypes = None
+        if proto:
+            _, z = predict(self.model, images[self.split.train], 0, cfg.image_size, device=self.device,
+                           with_projections=True)
+            prototypes = class_prototypes(z, labels[self.split.train])
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        new_local = LocalState({k: state[k] for k in sorted(self.local_keys)}, optimizer_to_tensors(optimizer),
+                               server_round)
+        stats["seconds"] = time.perf_counter() - started
+        return {k: state[k] for k in self.keys}, prototypes, stats, new_local
+
+    def evaluate(self, shared: dict[str, torch.Tensor], local: LocalState | None
+                 ) -> tuple[dict[str, float], list[float], np.ndarray]:
+        """Global shared weights + this site's BN on its test fold: metrics, ROC TPR on the grid, probabilities."""
+        self._load(shared, local)
+        test = self.split.test
+        metrics, probs = evaluate(self.model, self.site.images[test], self.site.labels[test], 0,
+                                  self.config.image_size, self.device)
+        return metrics, roc_on_grid(self.site.labels[test].numpy(), probs), probs

@@ -1,0 +1,133 @@
+"""Run directories: resolved config, per-epoch/round metrics (CSV + JSON), final metrics, ROC and curve PNGs.
+
+Everything is written atomically (temporary file, then rename) so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from fl_covid.metrics import METRIC_NAMES, ROC_FPR_GRID  # noqa: E402
+
+FINAL_METRICS = "final_metrics.json"
+HISTORY_CSV = "metrics.csv"
+HISTORY_JSON = "metrics.json"
+CONFIG_JSON = "config.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    rows = list(rows)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def new_run_dir(output_dir: Path, method: str, tag: str = "") -> Path:
+    """Create ``output_dir/<time>-<method>[-<tag>]-<random>`` and return it."""
+    name = "-".join(p for p in (time.strftime("%Y%m%d-%H%M%S"), method, tag, secrets.token_hex(2)) if p)
+    run = output_dir / name
+    run.mkdir(parents=True, exist_ok=False)
+    return run
+
+
+def final_metrics(method: str, per_site: Mapping[str, Mapping[str, float]], **extra: Any) -> dict[str, Any]:
+    """The ``final_metrics.json`` schema: method and, per site, the five metrics + specificity and n."""
+    sites = {s: {k: m[k] for k in (*METRIC_NAMES, "n")} for s, m in per_site.items()}
+    return {"method": method, "sites": sites, **extra}
+
+
+class RunWriter:
+    """Owns one run directory: config, history rows, final metrics and figures."""
+
+    def __init__(self, run_dir: Path, config_json: str) -> None:
+        self.dir = run_dir
+        self.rows: list[dict[str, Any]] = []
+        atomic_write_bytes(run_dir / CONFIG_JSON, config_json.encode())
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        """Append one row (an epoch or round of one site) and rewrite metrics.csv/json."""
+        self.rows.append(dict(row))
+        write_csv(self.dir / HISTORY_CSV, self.rows)
+        write_json(self.dir / HISTORY_JSON, self.rows)
+
+    def finish(self, method: str, per_site: Mapping[str, Mapping[str, float]],
+               roc_tpr: Mapping[str, list[float]], **extra: Any) -> dict[str, Any]:
+        """Write final_metrics.json, roc.png and curves.png; returns the final metrics."""
+        result = final_metrics(method, per_site, **extra)
+        write_json(self.dir / FINAL_METRICS, result)
+        plot_roc(self.dir / "roc.png", {s: (roc_tpr[s], per_site[s]["auc"]) for s in roc_tpr}, method)
+        plot_curves(self.dir / "curves.png", self.rows)
+        return result
+
+
+def plot_roc(path: Path, curves: Mapping[str, tuple[list[float], float]], title: str) -> None:
+    """One ROC curve per site from TPR values on the fixed FPR grid."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for site, (tpr, auc) in curves.items():
+        ax.plot(ROC_FPR_GRID, tpr, label=f"{site} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], ":", color="grey")
+    ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", title=title)
+    ax.legend(loc="lower right", fontsize=8)
+    _save(fig, path)
+
+
+def plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Training loss and evaluation AUC per site against epoch/round."""
+    if not rows:
+        return
+    step_key = "round" if "round" in rows[0] else "epoch"
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for site in sorted({r["site"] for r in rows}):
+        rs = [r for r in rows if r["site"] == site]
+        for ax, key in zip(axes, ("loss", "auc")):
+            pts = [(r[step_key], r[key]) for r in rs if r.get(key) not in (None, "")]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=site)
+    for ax, key in zip(axes, ("training loss", "evaluation AUC")):
+        ax.set(xlabel=step_key, ylabel=key)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
