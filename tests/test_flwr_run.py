@@ -1,0 +1,36 @@
+"""A real `flwr run .` on Ray with the tiny config on real CT images: checks run status and written results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_covid.metrics import METRIC_NAMES
+from tests.flower_local import LocalFlower, pids_mentioning
+
+
+@pytest.mark.slow
+def test_flwr_run_smoke_writes_results(tmp_path):
+    out = tmp_path / "runs"
+    home = tmp_path / "flwr-home"
+    with LocalFlower(home) as flower:
+        run_id, output = flower.run(
+            f"config-file='configs/smoke.yaml' num-server-rounds=1 local-steps=2 output-dir='{out}'",
+            "num-supernodes=2 client-resources-num-cpus=1",
+        )
+        assert flower.status(run_id) == "finished:completed", output[-3000:]
+    assert not pids_mentioning(str(home)), "the local SuperLink is still running"
+    run_dir = out / f"fedbn-proto-run{run_id}"
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["method"] == "fedbn-proto"
+    assert set(final["sites"]) == {"site_a_sarscov2", "site_b_covidct"}
+    for metrics in final["sites"].values():
+        assert all(0.0 <= metrics[k] <= 1.0 for k in METRIC_NAMES)
+        assert metrics["n"] > 0
+    rows = json.loads((run_dir / "metrics.json").read_text())
+    assert {(r["phase"], r["site"]) for r in rows} == {
+        (p, s) for p in ("train", "evaluate") for s in ("site_a_sarscov2", "site_b_covidct")}
+    assert (run_dir / "roc.png").stat().st_size > 0 and (run_dir / "metrics.csv").is_file()
+    assert (run_dir / "checkpoint" / "shared.npz").is_file()
+    assert (run_dir / "site-site_a_sarscov2" / "bn.npz").is_file()
