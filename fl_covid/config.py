@@ -21,7 +21,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROTOCOLS = ("grouped", "image", "official")
 FEDERATED_METHODS = ("fedavg", "fedbn", "fedbn-proto")
 CENTRAL_METHODS = ("single", "joint", "sepnorm", "contrastive")
-COMPRESSIONS = ("none", "fp16")
+COMPRESSIONS = ("none", "fp16", "int8")
 
 
 class ConfigError(ValueError):
@@ -61,7 +61,13 @@ class Config:
     num_server_rounds: int = 20
     local_steps: int = 100
     min_sites: int = 0
+    round_timeout: float = 0.0
     compression: str = "none"
+    max_update_norm: float = 0.0
+    # differential privacy of the prototypes (fedbn-proto)
+    dp_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_clip: float = 1.0
     # output
     output_dir: str = ""
     tag: str = ""
@@ -96,7 +102,14 @@ class Config:
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(0 <= self.min_sites <= len(self.sites), "min-sites", "must be in [0, number of sites] (0 = all)")
+        need(self.round_timeout >= 0, "round-timeout", "must be >= 0 seconds (0 = wait for every site)")
         need(self.compression in COMPRESSIONS, "compression", f"must be one of {COMPRESSIONS}")
+        need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound on a site's update)")
+        need(self.dp_epsilon >= 0, "dp-epsilon", "must be >= 0 (0 = prototypes without noise)")
+        need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
+        need(self.dp_clip > 0, "dp-clip", "must be > 0")
+        need(self.dp_epsilon == 0 or self.method == "fedbn-proto", "dp-epsilon",
+             "applies to the prototypes of method fedbn-proto only; set it to 0 for other methods")
 
     @property
     def cache_size(self) -> int:
@@ -246,11 +259,11 @@ FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", 
 
 
 def federated_config(run_config: Mapping[str, Any]) -> Config:
-    """Config of a Flower run: YAML ``config-file``, then ``overrides`` ("key=value key=value"), then the run
-    config's own scalars; an empty ``data-root`` / ``output-dir`` keeps the YAML value or the default."""
+    """Config of a Flower run: YAML ``config-file``, then the run config's own scalars, then ``overrides``
+    ("key=value key=value", the explicit word of whoever started the run). An empty ``data-root`` /
+    ``output-dir`` keeps the YAML value or the default. Flower always sends every run-config key, so a YAML value
+    for one of FEDERATED_KEYS is replaced by the run config's: set those with --run-config."""
     run_config = dict(run_config)
+    scalars = {k: run_config[k] for k in FEDERATED_KEYS if k in run_config and run_config[k] != ""}
     overrides = parse_overrides(str(run_config.get("overrides", "")).split())
-    for key in FEDERATED_KEYS:
-        if key in run_config and run_config[key] != "":
-            overrides[key] = run_config[key]
-    return load_config(run_config.get("config-file") or "configs/default.yaml", overrides)
+    return load_config(run_config.get("config-file") or "configs/default.yaml", {**scalars, **overrides})

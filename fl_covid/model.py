@@ -103,6 +103,7 @@ class COVIDNet(nn.Module):
                           nn.Linear(hid1, proj_dim))
             if redesigned else None
         )
+        self.last_stage = nn.Identity()  # hook point: the last stage's output (B, C, h, w), e.g. for Grad-CAM
 
     def select_site(self, site: int) -> None:
         """Route every per-site BN to ``site`` for the following forward passes."""
@@ -116,10 +117,9 @@ class COVIDNet(nn.Module):
         """x: (B, 3, S, S) normalised images -> embedding (B, embed_dim)."""
         self.select_site(site)
         x = F.max_pool2d(self.stem(x), 2)
-        top = x
         for i, (upper, blocks) in enumerate(zip(self.upper, self.stages)):
-            # The upper branch is its own chain of 1x1 convs; each stage adds its tensor to every block input.
-            top = upper(top)
+            # Upper branch: a 1x1 conv of the previous stage's sum (reference COVID-Net), added to every block input.
+            top = upper(x)
             if i > 0:
                 x, top = F.max_pool2d(x, 2), F.max_pool2d(top, 2)
             total, inp = top, x
@@ -127,6 +127,7 @@ class COVIDNet(nn.Module):
                 total = total + block(inp)
                 inp = total
             x = total
+        x = self.last_stage(x)
         if self.redesigned:
             return torch.flatten(F.adaptive_avg_pool2d(x, 2), 1)
         return torch.flatten(x, 1)
