@@ -10,16 +10,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from fl_covid.checkpoint import StateStore, optimizer_from_tensors, optimizer_to_tensors
+from fl_covid.checkpoint import StateStore, optimizer_from_tensors, optimizer_to_tensors, tensor_digest
 from fl_covid.config import Config
 from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, set_lr, train_steps
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import COVIDNet, bn_keys, create_model, load_partial
+from fl_covid.privacy import private_prototypes
 from fl_covid.prototypes import PrototypeBank, class_prototypes
 
 log = logging.getLogger(__name__)
@@ -33,17 +35,23 @@ class LocalState:
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     round: int = 0
 
-    def save(self, folder: Path) -> None:
-        """Persist atomically so that a restarted site resumes with its own BN."""
-        StateStore(folder).save({"bn": self.bn, "optimizer": self.optimizer}, {"round": self.round})
+    def save(self, folder: Path, **meta: Any) -> None:
+        """Persist atomically (with extra JSON ``meta``) so that a restarted site resumes with its own BN."""
+        StateStore(folder).save({"bn": self.bn, "optimizer": self.optimizer}, {"round": self.round, **meta})
 
     @staticmethod
-    def load(folder: Path) -> "LocalState | None":
-        loaded = StateStore(folder).load(("bn", "optimizer"))
+    def load(folder: Path, max_round: int | None = None) -> "LocalState | None":
+        """The newest saved state, or the newest of a round <= ``max_round``: a site asked to train round r
+        after the server resumed from an earlier checkpoint must not start from its own aborted round r."""
+        loaded = StateStore(folder).load(("bn", "optimizer"), max_round)
         if loaded is None:
             return None
         tensors, meta = loaded
         return LocalState(tensors.get("bn", {}), tensors.get("optimizer", {}), int(meta["round"]))
+
+    def provenance(self, source: str) -> dict[str, Any]:
+        """What a round started from, for the site's records: round, ``source`` and a digest of the BN tensors."""
+        return {"round": self.round, "source": source, "bn-sha256": tensor_digest(self.bn)}
 
 
 def shares_bn(method: str) -> bool:
@@ -114,7 +122,9 @@ class SiteRunner:
         if proto:
             _, z = predict(self.model, images[self.split.train], 0, cfg.image_size, device=self.device,
                            with_projections=True)
-            prototypes = class_prototypes(z, labels[self.split.train])
+            train_labels = labels[self.split.train]
+            prototypes = (private_prototypes(z, train_labels, cfg.dp_epsilon, cfg.dp_delta, cfg.dp_clip)
+                          if cfg.dp_epsilon > 0 else class_prototypes(z, train_labels))
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         new_local = LocalState({k: state[k] for k in sorted(self.local_keys)}, optimizer_to_tensors(optimizer),
                                server_round)

@@ -5,10 +5,14 @@ The only module of the library that imports Flower.
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fl_covid.config import COMPRESSIONS
+from fl_covid.metrics import METRIC_NAMES
 from fl_covid.prototypes import PrototypeBank
 
 # RecordDict keys of messages
@@ -25,22 +29,92 @@ NUM_EXAMPLES = "num-examples"
 SITE_ID = "site-id"
 ROC_TPR = "roc-tpr"
 TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds")
+# every metric key of a train / evaluate reply: the server rejects replies with other keys
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
+EVALUATE_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *METRIC_NAMES, ROC_TPR)
 # context.state keys (stay on the site)
 STATE_BN = "local-bn"
 STATE_OPTIMIZER = "local-optimizer"
 STATE_META = "local-meta"
+# suffix of the float32 scale that follows an int8-encoded tensor (config key 'compression')
+INT8_SCALE = "::int8-scale"
 # prototype record keys
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 
 
-def to_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """State dict (or any name -> tensor mapping) -> ArrayRecord, in the mapping's order."""
-    return ArrayRecord({k: Array(v.detach().cpu().contiguous().numpy()) for k, v in tensors.items()})
+def to_record(tensors: Mapping[str, torch.Tensor], compression: str = "none") -> ArrayRecord:
+    """State dict (or any name -> tensor mapping) -> ArrayRecord in the mapping's order, encoded by ``encode``."""
+    arrays = encode({k: v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}, compression)
+    return ArrayRecord({k: Array(a) for k, a in arrays.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """ArrayRecord -> name -> tensor (copies, writable)."""
     return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+
+
+def encode(arrays: Mapping[str, np.ndarray], compression: str) -> dict[str, np.ndarray]:
+    """Shared weights for transfer (config key ``compression``): ``fp16`` casts float arrays to float16,
+    ``int8`` stores ``round(a / s)`` as int8 with a float32 per-tensor scale ``s = max|a| / 127`` under
+    ``name + INT8_SCALE`` (error at most s / 2); integer arrays and ``none`` pass unchanged, keys keep their order."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS} (config key 'compression')")
+    out: dict[str, np.ndarray] = {}
+    for name, a in arrays.items():
+        if compression == "none" or not np.issubdtype(a.dtype, np.floating):
+            out[name] = a
+            continue
+        peak = float(np.abs(a).max()) if a.size else 0.0
+        if not np.isfinite(peak) or (compression == "fp16" and peak > float(np.finfo(np.float16).max)):
+            raise ValueError(f"tensor {name} (max |value| {peak:.3g}) cannot be sent as {compression}; "
+                             "set compression=none")
+        if compression == "fp16":
+            out[name] = a.astype(np.float16)
+        else:
+            scale = np.float32(peak / 127 if peak > 0 else 1.0)
+            out[name] = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
+            out[name + INT8_SCALE] = np.array(scale, dtype=np.float32)
+    return out
+
+
+def decode(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Inverse of ``encode``, whatever the compression: float16 and scaled int8 arrays -> float32, the rest
+    unchanged, scale entries dropped. ValueError when a scale is orphaned, not a positive finite float32 scalar,
+    or belongs to an array that is not int8."""
+    out: dict[str, np.ndarray] = {}
+    for name, a in arrays.items():
+        if name.endswith(INT8_SCALE):
+            if name[:-len(INT8_SCALE)] not in arrays:
+                raise ValueError(f"array {name} is an int8 scale without its tensor")
+            continue
+        scale = arrays.get(name + INT8_SCALE)
+        if scale is not None:
+            if a.dtype != np.int8 or scale.shape != () or scale.dtype != np.float32 \
+                    or not np.isfinite(scale) or scale <= 0:
+                raise ValueError(f"tensor {name}: int8 encoding needs an int8 array and a positive float32 scale, "
+                                 f"got {a.dtype} and {scale.dtype} {scale.shape}")
+            out[name] = a.astype(np.float32) * scale
+        else:
+            out[name] = a.astype(np.float32) if a.dtype == np.float16 else a
+    return out
+
+
+def decode_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """A received weights record (any compression) -> name -> float32 / integer tensor (writable copies)."""
+    return {k: torch.from_numpy(np.array(a, copy=True))
+            for k, a in decode({k: v.numpy() for k, v in record.items()}).items()}
+
+
+def encode_record(record: ArrayRecord, compression: str) -> ArrayRecord:
+    """An ArrayRecord of float32 / integer weights -> the same record encoded for transfer (see ``encode``)."""
+    if compression == "none":
+        return record
+    return ArrayRecord({k: Array(a) for k, a in encode({k: v.numpy() for k, v in record.items()}, compression).items()})
+
+
+def decode_record(record: ArrayRecord) -> ArrayRecord:
+    """A received weights record (any compression) -> the same record in float32, for checks and averaging."""
+    return ArrayRecord({k: Array(a) for k, a in decode({k: v.numpy() for k, v in record.items()}).items()})
 
 
 def bank_to_record(bank: PrototypeBank) -> ArrayRecord:

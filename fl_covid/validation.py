@@ -2,11 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import math
+from typing import Collection, Mapping
 
 import numpy as np
 
 MAX_EXAMPLES = 10_000_000
+
+
+def check_num_examples(num_examples: object) -> str | None:
+    """Why an example count must be rejected (not an integer in [1, MAX_EXAMPLES]), or None."""
+    if not isinstance(num_examples, (int, float)) or isinstance(num_examples, bool) \
+            or not 0 < num_examples <= MAX_EXAMPLES or int(num_examples) != num_examples:
+        return f"num-examples {num_examples!r} is not an integer in [1, {MAX_EXAMPLES}]"
+    return None
+
+
+def check_metrics(metrics: Mapping[str, object], expected: Collection[str],
+                  lists: Mapping[str, int] | None = None) -> str | None:
+    """Why a reply's metrics must be rejected: keys other than ``expected``, a value that is not a finite
+    number, or a list where not allowed (``lists``: key -> length; list values must lie in [0, 1])."""
+    lists = lists or {}
+    if set(metrics) != set(expected):
+        return (f"metric keys: missing {sorted(set(expected) - set(metrics))}, "
+                f"unexpected {sorted(set(metrics) - set(expected))}")
+    for key, value in metrics.items():
+        if key in lists:
+            if not isinstance(value, list) or len(value) != lists[key] or not all(
+                    isinstance(v, (int, float)) and 0 <= v <= 1 for v in value):
+                return f"metric {key} must be a list of {lists[key]} values in [0, 1]"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"metric {key} = {value!r} is not a finite number"
+    return None
 
 
 def check_update(expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], received: Mapping[str, np.ndarray],
@@ -17,9 +44,8 @@ def check_update(expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], recei
     ``expected``: name -> (shape, dtype) of the shared weights; ``received``: the reply's arrays;
     ``max_norm`` > 0 bounds the L2 norm of (received - reference) over all float tensors.
     """
-    if not isinstance(num_examples, (int, float)) or isinstance(num_examples, bool) \
-            or not 0 < num_examples <= MAX_EXAMPLES or int(num_examples) != num_examples:
-        return f"num-examples {num_examples!r} is not an integer in [1, {MAX_EXAMPLES}]"
+    if reason := check_num_examples(num_examples):
+        return reason
     missing, extra = set(expected) - set(received), set(received) - set(expected)
     if missing or extra:
         return f"wrong keys: missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}"

@@ -13,8 +13,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fl_covid import records as R
 from fl_covid.engine import cosine_lr
+from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.validation import check_prototypes, check_update
+from fl_covid.validation import check_metrics, check_num_examples, check_prototypes, check_update
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,19 @@ class PrototypeFedAvg(FedAvg):
 
     def __init__(self, *, method: str, site_names: tuple[str, ...], lr: float, num_rounds: int, seed: int,
                  run_name: str, expected: dict[str, tuple[tuple[int, ...], np.dtype]], min_sites: int,
-                 proj_dim: int = 128, on_row: Callable[[str, Row], None] | None = None) -> None:
+                 proj_dim: int = 128, max_update_norm: float = 0.0, compression: str = "none",
+                 on_row: Callable[[str, Row], None] | None = None) -> None:
         super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                          arrayrecord_key=R.WEIGHTS, configrecord_key=R.CONFIG, weighted_by_key=R.NUM_EXAMPLES,
                          train_metrics_aggr_fn=_mean_metrics, evaluate_metrics_aggr_fn=_mean_metrics)
         self.method, self.site_names, self.lr, self.num_rounds = method, site_names, lr, num_rounds
         self.seed, self.run_name, self.expected, self.min_sites = seed, run_name, expected, min_sites
-        self.proj_dim = proj_dim
+        self.proj_dim, self.max_update_norm = proj_dim, max_update_norm
+        self.compression = compression  # encoding of the weights sent to sites (config key 'compression')
+        self.reference: dict[str, np.ndarray] | None = None  # weights sent this round, for max_update_norm
         self.bank = PrototypeBank.empty(proj_dim)
         self.node_sites: dict[int, str] = {}
+        self.sent: list[Message] = []  # the messages of the last configure_* (the grid sets their ids on sending)
         self.on_row = on_row or (lambda kind, row: None)
 
     def lr_for(self, server_round: int) -> float:
@@ -66,11 +71,14 @@ class PrototypeFedAvg(FedAvg):
         for m in messages:
             for key, rec in (extra or {}).items():
                 m.content[key] = rec
+        self.sent = messages
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         config[R.LR] = self.lr_for(server_round)
+        self.reference = {k: v.numpy() for k, v in arrays.items()} if self.max_update_norm > 0 else None
+        arrays = R.encode_record(arrays, self.compression)
         extra = RecordDict()
         if self.method == "fedbn-proto" and len(self.bank.vectors):
             extra[R.PROTOTYPES] = R.bank_to_record(self.bank)
@@ -79,20 +87,40 @@ class PrototypeFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
+        arrays = R.encode_record(arrays, self.compression)
         return self._messages(server_round, lambda: super(PrototypeFedAvg, self).configure_evaluate(
             server_round, arrays, config, grid), config)
 
     def _site_of(self, msg: Message) -> str:
-        return self.node_sites.get(msg.metadata.src_node_id, f"node {msg.metadata.src_node_id}")
+        """The site a reply comes from, for logs: known from earlier rounds, else as the reply claims. An error
+        the SuperLink returns on a node's behalf (node unavailable, message expired) names the node it was for."""
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
+        node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+        name = self.node_sites.get(node)
+        if name is None and msg.has_content() and R.METRICS in msg.content:
+            claimed = msg.content[R.METRICS].get(R.SITE_ID)
+            if isinstance(claimed, int) and 0 <= claimed < len(self.site_names):
+                name = self.site_names[claimed]
+        return f"{name or 'unknown'} (node {node})"
 
     def _accepted(self, server_round: int, replies: Iterable[Message], train: bool) -> list[Message]:
         """Replies that carry no error and pass validation, sorted by site id; the rest are logged by site."""
-        good = []
+        good: list[Message] = []
+        replies = list(replies)
+        answered = {msg.metadata.reply_to_message_id for msg in replies}
+        for m in self.sent:
+            if m.metadata.message_id not in answered:
+                node = m.metadata.dst_node_id
+                log.warning("round %d: site %s did not answer %s in time (config key round-timeout)", server_round,
+                            f"{self.node_sites.get(node, 'unknown')} (node {node})",
+                            "training" if train else "evaluation")
         for msg in replies:
             if msg.has_error():
                 log.warning("round %d: site %s failed: %s", server_round, self._site_of(msg), msg.error.reason)
                 continue
-            reason = self._problem(msg.content, train)
+            reason = (self._decode(msg.content) if train else None) or self._problem(msg.content, train)
+            if not reason and msg.content[R.METRICS][R.SITE_ID] in {g.content[R.METRICS][R.SITE_ID] for g in good}:
+                reason = f"site-id {msg.content[R.METRICS][R.SITE_ID]} has already answered this round"
             if reason:
                 log.warning("round %d: rejected reply of site %s: %s", server_round, self._site_of(msg), reason)
                 continue
@@ -106,19 +134,39 @@ class PrototypeFedAvg(FedAvg):
                                  "are required (config key min-sites)")
         return good
 
+    @staticmethod
+    def _decode(content: RecordDict) -> str | None:
+        """Replace a reply's weights (any compression) by their float32 decoding, once, before the checks and
+        the averaging (FedAvg would otherwise average float16 / int8 codes); returns why decoding failed."""
+        if R.WEIGHTS in content and isinstance(content[R.WEIGHTS], ArrayRecord):
+            try:
+                content[R.WEIGHTS] = R.decode_record(content[R.WEIGHTS])
+            except ValueError as e:
+                return str(e)
+        return None
+
     def _problem(self, content: RecordDict, train: bool) -> str | None:
-        if R.METRICS not in content:
+        if R.METRICS not in content or not isinstance(content[R.METRICS], MetricRecord):
             return "no metrics record"
         metrics = content[R.METRICS]
         site_id = metrics.get(R.SITE_ID)
         if not isinstance(site_id, int) or not 0 <= site_id < len(self.site_names):
             return f"site-id {site_id!r} is not one of 0..{len(self.site_names) - 1}"
+        allowed = {R.METRICS}
+        if train:
+            allowed |= {R.WEIGHTS, R.PROTOTYPES} if self.method == "fedbn-proto" else {R.WEIGHTS}
+        if unexpected := set(content.keys()) - allowed:
+            return f"unexpected records {sorted(unexpected)} (allowed: {sorted(allowed)})"
+        if reason := check_metrics(metrics, R.TRAIN_REPLY_METRICS if train else R.EVALUATE_REPLY_METRICS,
+                                   {} if train else {R.ROC_TPR: ROC_POINTS}):
+            return reason
         if not train:
-            return None
-        if R.WEIGHTS not in content:
+            return check_num_examples(metrics[R.NUM_EXAMPLES])
+        if R.WEIGHTS not in content or not isinstance(content[R.WEIGHTS], ArrayRecord):
             return "no weights record"
         received = {k: v.numpy() for k, v in content[R.WEIGHTS].items()}
-        if reason := check_update(self.expected, received, metrics.get(R.NUM_EXAMPLES)):
+        if reason := check_update(self.expected, received, metrics.get(R.NUM_EXAMPLES), self.max_update_norm,
+                                  self.reference):
             return reason
         if self.method == "fedbn-proto":
             if R.PROTOTYPES not in content:
@@ -127,7 +175,10 @@ class PrototypeFedAvg(FedAvg):
                 bank = R.bank_from_record(content[R.PROTOTYPES])
             except ValueError as e:
                 return str(e)
-            return check_prototypes(bank.vectors.numpy(), bank.counts.numpy(), self.proj_dim)
+            if reason := check_prototypes(bank.vectors.numpy(), bank.counts.numpy(), self.proj_dim):
+                return reason
+            if bank.labels.tolist() != list(range(len(bank.labels))) or bank.sites.ne(site_id).any():
+                return f"prototype record must hold classes 0..{len(bank.labels) - 1} of site-id {site_id}"
         return None
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

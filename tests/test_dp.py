@@ -1,0 +1,133 @@
+"""Differentially private prototypes (fl_covid/privacy.py): noise calibration, clipping, accounting against
+hand-computed values, 'dp-epsilon 0 means off', and a real federated round with DP on (tests/inprocess.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fl_covid import records as R
+from fl_covid.config import ConfigError, load_config
+from fl_covid.privacy import (
+    clip_rows,
+    gaussian_sigma,
+    noisy_class_sums,
+    privacy_report,
+    private_prototypes,
+    zcdp_rho,
+    zcdp_to_epsilon,
+)
+from tests.inprocess import run_dir, run_federation, shared_run
+
+
+def unit_projections(n: int = 40, dim: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(torch.randn(n, dim, generator=g), dim=1)
+    return z, torch.arange(n) % 2
+
+
+def test_sigma_is_the_classic_gaussian_mechanism() -> None:
+    # sqrt(2 ln(1.25 / 1e-5)) = sqrt(2 * 11.7360690) = 4.84480526; / epsilon 0.5 -> 9.68961053
+    assert gaussian_sigma(0.5, 1e-5, 1.0) == pytest.approx(9.68961053, abs=1e-7)
+    assert gaussian_sigma(0.5, 1e-5, 2.0) == pytest.approx(2 * 9.68961053, abs=1e-6)  # linear in sensitivity
+    with pytest.raises(ValueError):
+        gaussian_sigma(0.0, 1e-5, 1.0)
+
+
+def test_noise_scale_matches_the_formula() -> None:
+    z, y = unit_projections()
+    clip = 0.5  # unit rows clipped to 0.5: the sums' sensitivity is 0.5, the counts' 1
+    true_sums = torch.stack([clip * z[y == c].sum(0) for c in (0, 1)]).double()
+    true_counts = torch.tensor([20.0, 20.0], dtype=torch.float64)
+    sigma, sigma_count = gaussian_sigma(1.0, 1e-5, clip), gaussian_sigma(1.0, 1e-5, 1.0)
+    assert sigma == pytest.approx(0.5 * 4.84480526, abs=1e-7)
+    g = torch.Generator().manual_seed(1)
+    draws = [noisy_class_sums(z, y, clip, sigma, sigma_count, g) for _ in range(1000)]
+    sum_noise = torch.stack([s for s, _ in draws]) - true_sums  # (1000, 2, 128): 256000 samples
+    count_noise = torch.stack([c for _, c in draws]) - true_counts  # 2000 samples
+    assert sum_noise.std().item() == pytest.approx(sigma, rel=0.01)
+    assert abs(sum_noise.mean().item()) < 4 * sigma / math.sqrt(sum_noise.numel())
+    assert count_noise.std().item() == pytest.approx(sigma_count, rel=0.06)
+
+
+def test_private_prototypes_use_the_calibrated_noise() -> None:
+    z, y = unit_projections()
+    eps, delta, clip = 0.7, 1e-6, 0.5
+    vectors, counts = private_prototypes(z, y, eps, delta, clip, torch.Generator().manual_seed(3))
+    sums, noisy_counts = noisy_class_sums(z, y, clip, gaussian_sigma(eps, delta, clip), gaussian_sigma(eps, delta, 1),
+                                          torch.Generator().manual_seed(3))
+    assert torch.allclose(vectors, F.normalize(sums, dim=1).float())
+    assert counts.dtype == torch.int64 and torch.equal(counts, noisy_counts.round().clamp(min=0).long())
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(2))
+
+
+def test_each_image_contributes_at_most_clip() -> None:
+    z, y = unit_projections()
+    clipped = clip_rows(3.0 * z, 0.25)
+    assert torch.allclose(clipped.norm(dim=1), torch.full((len(z),), 0.25))
+    short = 0.1 * z
+    assert torch.equal(clip_rows(short, 0.25), short)  # rows within the bound are left alone
+    sums, counts = noisy_class_sums(3.0 * z, y, 0.25, 0.0, 0.0, torch.Generator())
+    assert torch.allclose(sums[1], 0.25 * z[y == 1].double().sum(0)) and counts.tolist() == [20.0, 20.0]
+
+
+def test_accounting_against_hand_computed_values() -> None:
+    assert zcdp_rho(1.0, 1.0) == 0.5
+    # rho = 0.5, delta = 1e-5: 0.5 + 2 sqrt(0.5 * ln 1e5) = 0.5 + 2 sqrt(5.75646273) = 5.29852591
+    assert zcdp_to_epsilon(0.5, 1e-5) == pytest.approx(5.29852591, abs=1e-7)
+    report = privacy_report(0.5, 1e-5, 1.0, rounds=10)
+    # per round: sums (sensitivity 1) and counts (sensitivity 1), each with sigma 9.68961053:
+    # rho = 2 * 1 / (2 * 9.68961053^2) = 0.01065093; 10 rounds: rho 0.1065093,
+    # epsilon = 0.1065093 + 2 sqrt(0.1065093 * 11.5129255) = 0.1065093 + 2 * 1.1073541 = 2.3212175
+    assert report["per-round"]["rho"] == pytest.approx(0.01065093, abs=1e-8)
+    assert report["total"]["rho"] == pytest.approx(0.1065093, abs=1e-7)
+    assert report["total"]["epsilon"] == pytest.approx(2.3212175, abs=1e-6)
+    assert report["per-round"]["epsilon"] == pytest.approx(0.7110032, abs=1e-6)
+    assert report["basic-composition"] == {"epsilon": 10.0, "delta": pytest.approx(2e-4), "valid": True}
+    # the clip rescales the noise, not the guarantee
+    assert privacy_report(0.5, 1e-5, 2.0, 10)["total"]["epsilon"] == pytest.approx(2.3212175, abs=1e-6)
+
+
+def test_config_keys() -> None:
+    config = load_config("configs/smoke.yaml")
+    assert config.dp_epsilon == 0.0  # off by default
+    with pytest.raises(ConfigError, match="dp-epsilon"):
+        load_config("configs/smoke.yaml", {"dp-epsilon": "-1"})
+    with pytest.raises(ConfigError, match="dp-delta"):
+        load_config("configs/smoke.yaml", {"dp-epsilon": "1", "dp-delta": "0"})
+    with pytest.raises(ConfigError, match="fedbn-proto"):
+        load_config("configs/smoke.yaml", {"dp-epsilon": "1", "method": "fedbn"})
+
+
+def test_epsilon_zero_means_no_noise() -> None:
+    """dp-epsilon 0 (the default): a site's prototypes are reproducible and carry the true class counts."""
+    grid, output = shared_run("fedbn-proto")
+    d = grid.delivery(1, 2)
+    again = grid.replay(d)
+    for key in (R.P_VECTORS, R.P_COUNTS):
+        assert torch.equal(R.from_record(again.content[R.PROTOTYPES])[key],
+                           R.from_record(d.reply.content[R.PROTOTYPES])[key])
+    assert int(R.from_record(d.reply.content[R.PROTOTYPES])[R.P_COUNTS].sum()) == d.reply.content[R.METRICS][
+        R.NUM_EXAMPLES]
+    assert not (run_dir(output) / "privacy.json").exists()
+
+
+def test_federated_round_with_dp(tmp_path: Path) -> None:
+    grid = run_federation(tmp_path, method="fedbn-proto", overrides="dp-epsilon=0.5 dp-delta=1e-5",
+                          **{"num-server-rounds": 1})
+    report = json.loads((run_dir(tmp_path) / "privacy.json").read_text())
+    assert report == json.loads(json.dumps(privacy_report(0.5, 1e-5, 1.0, rounds=1)))
+    assert grid.banks[1].sites.tolist() == [0, 0, 1, 1]  # the server accepted both sites' noisy prototypes
+    d = grid.delivery(0, 1)
+    again = grid.replay(d)
+    # same training (weights bit for bit), fresh noise: the seed the server knows does not reveal the noise
+    assert all(torch.equal(a, b) for a, b in zip(R.from_record(again.content[R.WEIGHTS]).values(),
+                                                  R.from_record(d.reply.content[R.WEIGHTS]).values()))
+    first, second = (R.from_record(m.content[R.PROTOTYPES])[R.P_VECTORS] for m in (d.reply, again))
+    assert not torch.equal(first, second)
+    assert torch.allclose(first.norm(dim=1), torch.ones(2))

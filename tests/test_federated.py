@@ -1,0 +1,186 @@
+"""Federated rounds of the real ServerApp and ClientApp (in process, tests/inprocess.py), smoke config on the
+embedded CT images: which tensors leave a site under each method, BN restored from a site's state, the exact
+prototype round trip, the contrastive term fed by the other site's prototypes, and a three-site federation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fl_covid import records as R
+from fl_covid.config import load_config, project_root
+from fl_covid.federated import LocalState, shared_keys
+from fl_covid.metrics import METRIC_NAMES
+from fl_covid.model import COVIDNet, bn_keys, create_model
+from tests.conftest import SITE_A, SITE_B, read_manifest, write_manifest
+from tests.inprocess import Delivery, InProcessGrid, run_dir, run_federation, shared_run, wire
+
+METHODS = ("fedavg", "fedbn", "fedbn-proto")
+SITES = (SITE_A, SITE_B)
+
+
+def smoke_model() -> COVIDNet:
+    config = load_config("configs/smoke.yaml")
+    return create_model(config.arch, config.width, 1, image_size=config.image_size)
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same names, dtypes and bits."""
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def raw(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def trains(grid: InProcessGrid) -> list[Delivery]:
+    return [d for d in grid.deliveries if d.kind == "train"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bn_leaves_a_site_only_under_fedavg(method: str) -> None:
+    grid, _ = shared_run(method)
+    model = smoke_model()
+    bn, expected = bn_keys(model), shared_keys(model, method)
+    assert len(bn) > 20 and len(trains(grid)) == 4  # 2 sites x 2 rounds
+    for d in trains(grid):
+        keys = list(d.reply.content[R.WEIGHTS].keys())
+        assert keys == expected
+        if method == "fedavg":
+            assert bn <= set(keys)
+        else:
+            assert not bn & set(keys), f"BN tensors left site {d.partition}: {sorted(bn & set(keys))[:3]}"
+    for d in grid.deliveries:
+        if d.kind == "evaluate":
+            assert list(d.reply.content.keys()) == [R.METRICS]
+    for msg in grid.sent:  # and the server sends exactly the shared subset
+        assert list(msg.content[R.WEIGHTS].keys()) == expected
+
+
+@pytest.mark.parametrize("method", ("fedbn", "fedbn-proto"))
+def test_fedbn_site_restores_its_own_bn_in_round_2(method: str) -> None:
+    grid, output = shared_run(method)
+    model = smoke_model()
+    bn = bn_keys(model)
+    fresh = {k: v for k, v in model.state_dict().items() if k in bn}
+    stored = {}
+    for p in (0, 1):
+        first, second = grid.delivery(p, 1), grid.delivery(p, 2)
+        assert same(first.loaded_bn, fresh)  # no state yet: a freshly built BN
+        stored[p] = R.from_record(second.context_before.state[R.STATE_BN])  # saved by the round-1 training
+        assert stored[p].keys() == bn and not same(stored[p], fresh)
+        assert same(grid.delivery(p, 1, "evaluate").loaded_bn, stored[p])
+        assert same(second.loaded_bn, stored[p]), "round 2 did not start from the BN the site stored"
+        node = second.node_id
+        on_disk = LocalState.load(run_dir(output) / f"site-{SITES[p]}")
+        assert on_disk is not None and on_disk.round == 2
+        assert same(on_disk.bn, R.from_record(grid.contexts[node].state[R.STATE_BN]))
+    assert not same(stored[0], stored[1])  # each site keeps its own statistics
+
+
+def test_fedavg_sites_use_the_global_bn() -> None:
+    grid, _ = shared_run("fedavg")
+    bn = bn_keys(smoke_model())
+    loaded = [grid.delivery(p, 2).loaded_bn for p in (0, 1)]
+    received = R.from_record(grid.delivery(0, 2).message.content[R.WEIGHTS])
+    # FedAvg's average turns BN's int64 num_batches_tracked into float64; the model casts it back on loading
+    assert same(loaded[0], {k: received[k].to(loaded[0][k].dtype) for k in bn}) and same(loaded[0], loaded[1])
+
+
+def test_prototypes_round_trip_bitwise() -> None:
+    grid, _ = shared_run("fedbn-proto")
+    assert R.PROTOTYPES not in grid.delivery(0, 1).message.content  # nothing to send before round 1
+    sent = {(p, rnd): raw(grid.delivery(p, rnd).reply.content[R.PROTOTYPES]) for p in (0, 1) for rnd in (1, 2)}
+    for rnd in (1, 2):
+        bank = grid.banks[rnd]  # what the server holds after aggregating round rnd
+        for p in (0, 1):
+            rows = (bank.sites == p).numpy()
+            assert bitwise_equal(bank.vectors.numpy()[rows], sent[p, rnd][R.P_VECTORS])
+            assert bitwise_equal(bank.counts.numpy()[rows], sent[p, rnd][R.P_COUNTS])
+    held = grid.banks[1]
+    for p in (0, 1):
+        received = raw(grid.delivery(p, 2).message.content[R.PROTOTYPES])
+        assert bitwise_equal(received[R.P_VECTORS], held.vectors.numpy())
+        assert bitwise_equal(received[R.P_SITES], held.sites.numpy())
+        other = received[R.P_SITES] == 1 - p
+        assert bitwise_equal(received[R.P_VECTORS][other], sent[1 - p, 1][R.P_VECTORS])
+        assert bitwise_equal(received[R.P_COUNTS][other], sent[1 - p, 1][R.P_COUNTS])
+
+
+def with_bank_rows_negated(delivery: Delivery, site: int) -> RecordDict:
+    """The delivery's message content with the prototypes of ``site`` in its bank negated (still unit rows)."""
+    content = wire(delivery.message).content
+    bank = R.from_record(content[R.PROTOTYPES])
+    bank[R.P_VECTORS][bank[R.P_SITES] == site] *= -1
+    content[R.PROTOTYPES] = R.to_record(bank)
+    return content
+
+
+def test_contrastive_term_uses_the_other_sites_prototypes() -> None:
+    grid, _ = shared_run("fedbn-proto")
+    d = grid.delivery(0, 2)
+
+    def con(content: RecordDict | None = None) -> float:
+        return float(grid.replay(d, content).content[R.METRICS]["con"])
+
+    original = float(d.reply.content[R.METRICS]["con"])
+    assert con() == original  # a replay with the same inputs is exact
+    assert con(with_bank_rows_negated(d, 0)) == original  # the site's own prototypes are not candidates
+    changed = con(with_bank_rows_negated(d, 1))
+    assert abs(changed - original) > 1e-4, "con did not react to the other site's prototypes"
+    without = wire(d.message).content
+    del without[R.PROTOTYPES]
+    assert abs(con(without) - original) > 1e-4
+
+
+@pytest.mark.parametrize("method", ("fedavg", "fedbn"))
+def test_no_prototype_exchange_without_fedbn_proto(method: str) -> None:
+    grid, _ = shared_run(method)
+    assert all(R.PROTOTYPES not in m.content for m in grid.sent)
+    assert all(R.PROTOTYPES not in d.reply.content for d in grid.deliveries)
+    assert all(d.reply.content[R.METRICS]["con"] == 0.0 for d in trains(grid))
+
+
+def split_site_b_by_patient(data: Path) -> tuple[str, str]:
+    """Two sites made of the embedded Site B's patients (alternating, rows of near-duplicate groups left out),
+    JPEGs copied, plus Site A linked: three site folders under ``data``."""
+    source = project_root() / "data" / SITE_B
+    rows = [r for r in read_manifest(source / "manifest.csv") if not r["dup_group"]]
+    patients = sorted({r["patient_id"] for r in rows})
+    names = ("site_b_half1", "site_b_half2")
+    for half, name in enumerate(names):
+        keep = set(patients[half::2])
+        subset = [r for r in rows if r["patient_id"] in keep]
+        for r in subset:
+            (data / name / r["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / r["path"], data / name / r["path"])
+        write_manifest(data / name / "manifest.csv", subset)
+    (data / SITE_A).symlink_to(project_root() / "data" / SITE_A, target_is_directory=True)
+    return names
+
+
+def test_three_sites(tmp_path: Path) -> None:
+    names = (SITE_A, *split_site_b_by_patient(tmp_path / "data"))
+    halves = [{r["patient_id"] for r in read_manifest(tmp_path / "data" / n / "manifest.csv")} for n in names[1:]]
+    assert halves[0] and halves[1] and not halves[0] & halves[1]
+    grid = run_federation(tmp_path / "runs", num_sites=3, method="fedbn-proto", overrides=f"sites={','.join(names)}",
+                          **{"num-server-rounds": 2, "data-root": str(tmp_path / "data")})
+    final = json.loads((run_dir(tmp_path / "runs") / "final_metrics.json").read_text())
+    assert set(final["sites"]) == set(names)
+    for m in final["sites"].values():
+        assert m["n"] > 0 and all(0.0 <= m[k] <= 1.0 for k in METRIC_NAMES)
+    for p in range(3):
+        bank = R.bank_from_record(grid.delivery(p, 2).message.content[R.PROTOTYPES])
+        assert sorted(set(bank.sites.tolist())) == [0, 1, 2]
+        _, labels = bank.candidates_for(p)
+        assert len(labels) == 4  # two classes of each of the two other sites
