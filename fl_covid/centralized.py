@@ -11,6 +11,7 @@ import argparse
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_d
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import create_model
 from fl_covid.reporting import RunWriter, new_run_dir, write_csv
+from fl_covid.trained import save_central_model
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +52,13 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
     alpha = config.alpha if method == "contrastive" else 0.0
     for epoch in range(1, config.epochs + 1):
         start = (epoch - 1) * steps_per_epoch
+        started = time.perf_counter()
         stats = train_steps(
             model, optimizer, next_batch, steps_per_epoch, image_size=config.image_size, generator=aug_gen,
             alpha=alpha, temperature=config.temperature, grad_clip=config.grad_clip,
             lr_at=lambda s: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
         )
+        stats["seconds"] = time.perf_counter() - started  # training steps of the epoch, without validation
         for j, k in enumerate(members):
             site, split = sites[k]
             val, _ = evaluate(model, site.images[split.val], site.labels[split.val], j if per_site_bn else 0,
@@ -62,6 +66,8 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
             writer.log({"epoch": epoch, "site": site.name, "site_id": k, **stats,
                         **{f"val_{m}": v for m, v in val.items()}, "auc": val["auc"]})
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
+    save_central_model(writer.dir, model, [sites[k][0].name for k in members], per_site_bn,
+                       own_model=len(members) < len(sites), meta={"method": method, "epoch": config.epochs})
     results = {}
     for j, k in enumerate(members):
         site, split = sites[k]

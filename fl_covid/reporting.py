@@ -87,8 +87,9 @@ class RunWriter:
 
     def finish(self, method: str, per_site: Mapping[str, Mapping[str, float]],
                roc_tpr: Mapping[str, list[float]], **extra: Any) -> dict[str, Any]:
-        """Write final_metrics.json, roc.png and curves.png; returns the final metrics."""
-        result = final_metrics(method, per_site, **extra)
+        """Write final_metrics.json (with each site's ROC TPR on ROC_FPR_GRID), roc.png and curves.png."""
+        result = final_metrics(method, per_site, roc_tpr={s: [float(v) for v in t] for s, t in roc_tpr.items()},
+                               **extra)
         write_json(self.dir / FINAL_METRICS, result)
         plot_roc(self.dir / "roc.png", {s: (roc_tpr[s], per_site[s]["auc"]) for s in roc_tpr}, method)
         plot_curves(self.dir / "curves.png", self.rows)
@@ -103,7 +104,7 @@ def plot_roc(path: Path, curves: Mapping[str, tuple[list[float], float]], title:
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", title=title)
     ax.legend(loc="lower right", fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -121,10 +122,11 @@ def plot_curves(path: Path, rows: list[dict[str, Any]]) -> None:
     for ax, key in zip(axes, ("training loss", "evaluation AUC")):
         ax.set(xlabel=step_key, ylabel=key)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
+def save_figure(fig: plt.Figure, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)

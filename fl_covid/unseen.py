@@ -1,0 +1,204 @@
+"""A trained model at a hospital that never trained: choose its BatchNorm, evaluate, report per image and patient.
+
+``fl-covid-evaluate --run RUN --data SITE_DIR --bn adapt`` loads the run's final shared weights and evaluates every
+image of the new site. The BN choice:
+
+- ``adapt``: affine parameters averaged over the training sites, running statistics re-estimated from the new
+  site's images (forward passes in train mode, cumulative average, no labels, no gradients);
+- ``average``: every BN tensor averaged over the training sites (parameters and statistics);
+- ``site:NAME``: borrow training site NAME's BN.
+
+Leave-one-site-out: train on one site (``--set sites=A``) and evaluate on the other with this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from fl_covid.config import ConfigError, to_json
+from fl_covid.data import CLASSES, DataError, Site, eval_input, load_site
+from fl_covid.engine import evaluate, select_device
+from fl_covid.metrics import binary_metrics, roc_on_grid
+from fl_covid.model import COVIDNet
+from fl_covid.reporting import RunWriter, write_csv
+from fl_covid.trained import TrainedRun
+
+log = logging.getLogger(__name__)
+
+BN_MODES = ("adapt", "average", "site:NAME")
+
+
+def average_bn(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of several sites' BN tensors (same keys); integer counters take the maximum."""
+    if not states:
+        raise ValueError("no BN states to average")
+    keys = set(states[0])
+    if any(set(s) != keys for s in states):
+        raise ValueError("BN states to average have different tensor names")
+    out = {}
+    for k in states[0]:
+        stack = torch.stack([s[k] for s in states])
+        out[k] = stack.float().mean(0).to(stack.dtype) if stack.is_floating_point() else stack.max(0).values
+    return out
+
+
+@torch.no_grad()
+def adapt_bn(model: COVIDNet, images: torch.Tensor, image_size: int, batch_size: int = 64,
+             device: torch.device | str = "cpu") -> None:
+    """Re-estimate every BN layer's running mean/var from unlabelled uint8 images (N, 1, R, R).
+
+    Statistics are reset, then accumulated as a cumulative average (momentum None) over train-mode forward
+    passes of the eval transform (no augmentation) through trunk, classifier and projection head; affine
+    parameters are untouched. The model is left in eval mode with its original momenta.
+    """
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    if len(images) < 2:
+        raise ValueError("adapting BN needs at least 2 images")
+    momenta = [m.momentum for m in bns]
+    model.to(device).eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        # near-equal chunks: a last batch of one image would break BatchNorm1d in train mode
+        for chunk in torch.tensor_split(images, math.ceil(len(images) / batch_size)):
+            x = eval_input(chunk, image_size).to(device)
+            features = model.forward_features(x)
+            model.forward_head(features)
+            if model.projector is not None:
+                model.project(features)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.eval()
+
+
+def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_size: int = 64,
+                     device: torch.device | str = "cpu") -> COVIDNet:
+    """The run's final model with BN chosen by ``bn`` (see BN_MODES); ``adapt`` needs the new ``site``."""
+    if bn.startswith("site:"):
+        return run.model(run.site_bn(bn[5:]))
+    if bn not in ("adapt", "average"):
+        raise ValueError(f"--bn must be one of {BN_MODES}, got {bn!r}")
+    model = run.model(average_bn([run.site_bn(s) for s in run.config.sites]))
+    if bn == "adapt":
+        if site is None:
+            raise ValueError("--bn adapt needs the new site's images")
+        adapt_bn(model, site.images, run.config.image_size, batch_size, device)
+    return model
+
+
+def _patient_ids(site: Site) -> list[str] | None:
+    """patient_id per image from the site's manifest, or None when it has no (non-empty) patient ids."""
+    file = site.root / "manifest.csv"
+    if not file.is_file():
+        return None
+    with open(file, newline="", encoding="utf-8-sig") as f:
+        ids = {row["path"].strip(): (row.get("patient_id") or "").strip() for row in csv.DictReader(f)}
+    out = [ids.get(p, "") for p in site.paths]
+    return out if any(out) else None
+
+
+def per_patient(site: Site, probs: np.ndarray) -> tuple[list[dict], dict[str, float] | None]:
+    """Mean P(COVID) per patient_id (rows) and patient-level metrics; ([], None) without patient ids.
+
+    Images without an id are left out; a patient whose images carry both labels is listed but not scored.
+    """
+    ids = _patient_ids(site)
+    if ids is None:
+        return [], None
+    groups: dict[str, list[int]] = {}
+    for i, pid in enumerate(ids):
+        if pid:
+            groups.setdefault(pid, []).append(i)
+    rows = []
+    labels = site.labels.numpy()
+    for pid, idx in sorted(groups.items()):
+        y = set(labels[idx].tolist())
+        rows.append({"patient_id": pid, "label": CLASSES[y.pop()] if len(y) == 1 else "mixed",
+                     "n_images": len(idx), "mean_prob_covid": float(np.mean(probs[idx]))})
+    scored = [r for r in rows if r["label"] != "mixed"]
+    if len(scored) < len(rows):
+        log.warning("site '%s': %d patients have images of both labels; not scored at patient level", site.name,
+                    len(rows) - len(scored))
+    y = np.array([CLASSES.index(r["label"]) for r in scored])
+    if len(set(y.tolist())) < 2:
+        return rows, None
+    return rows, binary_metrics(y, np.array([r["mean_prob_covid"] for r in scored]))
+
+
+def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | Path | None = None,
+                    name: str | None = None, max_per_class: int = 0, batch_size: int = 64,
+                    device: str = "auto") -> Path:
+    """Evaluate run ``run_dir`` on every image of the site folder ``data``; returns the output folder.
+
+    Writes final_metrics.json (one site, plus ``patient_level`` when the manifest has patient ids),
+    predictions.csv, patients.csv (if patient ids) and roc.png into ``out``
+    (default ``RUN/unseen-<site>-<bn>``).
+    """
+    run = TrainedRun.load(run_dir)
+    cfg = run.config
+    folder = Path(data).expanduser().resolve()
+    site_name = name or folder.name
+    trained_folders = {(cfg.resolved_data_root() / s).resolve() for s in cfg.sites}
+    if site_name in cfg.sites or folder in trained_folders:
+        raise ValueError(f"site '{site_name}' trained in run {run.dir} (its sites are {list(cfg.sites)}): its "
+                         "images are not unseen; train without it (--set sites=...) or pass another site")
+    site = load_site(folder, cfg.cache_size, name=site_name, max_per_class=max_per_class, seed=cfg.seed,
+                     exclude_label_conflicts=cfg.exclude_label_conflicts, skip_unreadable=cfg.skip_unreadable)
+    dev = select_device(device)
+    model = model_for_unseen(run, bn, site, batch_size, dev)
+    metrics, probs = evaluate(model, site.images, site.labels, 0, cfg.image_size, dev)
+    out = Path(out) if out else run.dir / f"unseen-{site_name}-{bn.replace(':', '-')}"
+    out.mkdir(parents=True, exist_ok=True)
+    writer = RunWriter(out, to_json(cfg))
+    labels = site.labels.numpy()
+    write_csv(out / "predictions.csv", [{"path": p, "label": int(y), "prob_covid": float(q)}
+                                        for p, y, q in zip(site.paths, labels, probs)])
+    patients, patient_metrics = per_patient(site, probs)
+    if patients:
+        write_csv(out / "patients.csv", patients)
+    writer.finish(cfg.method, {site_name: metrics}, {site_name: roc_on_grid(labels, probs)},
+                  protocol="unseen-site", trained_protocol=cfg.protocol, fold=cfg.fold, seed=cfg.seed,
+                  bn=bn, trained_sites=list(cfg.sites), evaluated_run=str(run.dir), data=str(site.root),
+                  patient_level=patient_metrics)
+    log.info("%s on unseen site %s (BN %s): AUC %.4f accuracy %.4f (n=%d)", cfg.method, site_name, bn,
+             metrics["auc"], metrics["accuracy"], metrics["n"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fl-covid-evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="run directory of a trained model")
+    parser.add_argument("--data", required=True, help="site folder (COVID/, NonCOVID/, optional manifest.csv)")
+    parser.add_argument("--bn", required=True, metavar="{adapt,average,site:NAME}", help="BN for the new site")
+    parser.add_argument("--out", help="output folder (default RUN/unseen-<site>-<bn>)")
+    parser.add_argument("--name", help="site name (default: the folder name)")
+    parser.add_argument("--max-per-class", type=int, default=0, help="seeded subset per class (0 = all)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = evaluate_unseen(args.run, args.data, args.bn, args.out, args.name, args.max_per_class,
+                              args.batch_size, args.device)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((out / "final_metrics.json").read_text().strip())
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

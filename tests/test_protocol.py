@@ -1,0 +1,97 @@
+"""The K-fold x seeds runner: centralized folds partition the site by patient, reuse after a restart, and the
+federated path judged by Flower's run status (real `flwr run`, private SuperLink, stopped afterwards)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from fl_covid.config import ConfigError, project_root
+from fl_covid.protocol import _pids_mentioning, main, make_runner, parse_args, run_config_string
+
+SITE_A, SITE_B = "site_a_sarscov2", "site_b_covidct"
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_config_string_quotes_strings_only() -> None:
+    text = run_config_string({"config-file": "/a b/c.yaml", "fold": 2, "lr": 0.5, "resume": "", "flag": True})
+    assert text == "config-file='/a b/c.yaml' fold=2 lr=0.5 resume='' flag=true"
+    with pytest.raises(ConfigError, match="single quote"):
+        run_config_string({"output-dir": "/tmp/it's"})
+
+
+def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
+    base = ["--config", "configs/smoke.yaml", "--out", str(tmp_path)]
+    with pytest.raises(ConfigError, match="leave-out"):
+        make_runner(parse_args(["--method", "joint", *base, "--leave-out", "nowhere"]))
+    with pytest.raises(ConfigError, match="--bn"):
+        make_runner(parse_args(["--method", "joint", *base, "--leave-out", SITE_B, "--bn", f"site:{SITE_B}"]))
+    assert main(["--method", "joint", *base, "--seeds", "0"]) == 2
+
+
+def test_centralized_folds_partition_the_site_by_patient_and_are_reused(tmp_path: Path) -> None:
+    out = tmp_path / "protocol"
+    argv = ["--method", "joint", "--config", "configs/smoke.yaml", "--folds", "2", "--seeds", "1",
+            "--set", f"sites={SITE_B}", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    record = json.loads((out / "protocol.json").read_text())
+    assert (record["mode"], record["protocol"], record["folds"], record["seeds"]) == ("centralized", "grouped", 2, [0])
+    assert [(r["fold"], r["seed"], r["status"]) for r in record["runs"]] == [(0, 0, "completed"), (1, 0, "completed")]
+    patient = {r["path"]: r["patient_id"] for r in read_csv(project_root() / "data" / SITE_B / "manifest.csv")}
+    test_paths = []
+    for r in record["runs"]:
+        final = json.loads((Path(r["run_dir"]) / "final_metrics.json").read_text())
+        assert (final["fold"], final["seed"], final["protocol"]) == (r["fold"], r["seed"], "grouped")
+        assert Path(r["run_dir"], "checkpoint", "shared.npz").is_file()
+        test_paths.append({row["path"] for row in read_csv(Path(r["run_dir"]) / f"predictions_{SITE_B}.csv")})
+    assert not test_paths[0] & test_paths[1] and len(test_paths[0] | test_paths[1]) == 24  # 12 per class
+    assert not {patient[p] for p in test_paths[0]} & {patient[p] for p in test_paths[1]}  # grouped by patient
+    before = sorted(p.name for p in out.glob("fold*/*"))
+    assert main(argv) == 0  # a second call finds both fold-runs finished and trains nothing
+    assert sorted(p.name for p in out.glob("fold*/*")) == before
+    assert {r["detail"] for r in json.loads((out / "protocol.json").read_text())["runs"]} == {"reused"}
+    with pytest.raises(ConfigError, match="other settings.*epochs"):  # never reuse a run trained otherwise
+        make_runner(parse_args([*argv, "--set", "epochs=2"])).run()
+
+
+@pytest.mark.slow
+def test_federated_leave_one_site_out_through_flwr_run(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    runner = make_runner(parse_args([
+        "--method", "fedbn", "--config", "configs/smoke.yaml", "--folds", "2", "--seeds", "1",
+        "--set", "num-server-rounds=1", "--set", "local-steps=2", "--leave-out", SITE_B, "--bn", "average",
+        "--out", str(out), "--quiet"]))
+    assert runner.run()
+    assert runner.flower_home is not None and not _pids_mentioning(str(runner.flower_home))  # SuperLink stopped
+    record = json.loads((out / "protocol.json").read_text())
+    assert record["mode"] == "federated" and record["federation_config"].startswith("num-supernodes=1 ")
+    assert record["sites"] == [SITE_A] and record["leave_out"] == SITE_B
+    for r in record["runs"]:
+        assert r["status"] == "completed" and "finished:completed" in r["detail"]
+        run_dir = Path(r["run_dir"])
+        final = json.loads((run_dir / "final_metrics.json").read_text())
+        assert (final["method"], final["fold"], final["seed"], list(final["sites"])) == (
+            "fedbn", r["fold"], r["seed"], [SITE_A])
+        assert (run_dir / "checkpoint" / "shared.npz").is_file() and (run_dir / f"site-{SITE_A}" / "bn.npz").is_file()
+        unseen = json.loads((Path(r["unseen"][0]) / "final_metrics.json").read_text())
+        assert unseen["bn"] == "average" and unseen["sites"][SITE_B]["n"] == 24
+
+
+@pytest.mark.slow
+def test_a_failed_federated_run_is_recorded_as_failed(tmp_path: Path) -> None:
+    """Clients that cannot find their data make the run fail; `flwr run` may still exit 0, the runner must not."""
+    out = tmp_path / "broken"
+    argv = ["--method", "fedbn", "--config", "configs/smoke.yaml", "--protocol", "official", "--seeds", "1",
+            "--set", f"sites={SITE_B}", "--set", f"data-root={tmp_path / 'no-data'}", "--set",
+            "num-server-rounds=1", "--set", "local-steps=1", "--out", str(out), "--quiet"]
+    assert main(argv) == 1
+    (run,) = json.loads((out / "protocol.json").read_text())["runs"]
+    assert run["status"] == "failed" and "status finished:failed" in run["detail"]
+    assert (out / "fold0-seed0" / "flwr-run.log").is_file()

@@ -1,0 +1,128 @@
+"""Table I report: aggregation and paired t-tests against hand-computed values, published column, files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fl_covid.comparison import ReportError, aggregate, find_run_dirs, load_results, main, paired_tests, write_report
+from fl_covid.metrics import ROC_FPR_GRID
+from fl_covid.reporting import RunWriter
+
+SITE = "site_a_sarscov2"
+
+
+def fake_run(root: Path, name: str, method: str, fold: int, seed: int, auc: float, accuracy: float,
+             arch: str = "redesigned", protocol: str = "grouped") -> Path:
+    """A run directory as the trainers write it (config.json + final_metrics.json), with chosen metrics."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"arch": arch, "sites": [SITE], "exclude-label-conflicts": True}))
+    metrics = {"accuracy": accuracy, "f1": 0.5, "sensitivity": 0.5, "precision": 0.5, "specificity": 0.5,
+               "auc": auc, "n": 10}
+    (run / "final_metrics.json").write_text(json.dumps({
+        "method": method, "sites": {SITE: metrics}, "protocol": protocol, "fold": fold, "seed": seed,
+        "roc_tpr": {SITE: list(np.sqrt(ROC_FPR_GRID) * auc)}}))
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    """Ours at (fold, seed) (0,0),(1,0),(0,1); FedBN at the same three in another order plus an unpaired (1,1)."""
+    root = tmp_path / "runs"
+    # names sort differently from (fold, seed), so pairing by position would pair the wrong runs
+    fake_run(root, "z-ours-00", "fedbn-proto", 0, 0, 0.80, 0.90)
+    fake_run(root, "a-ours-10", "fedbn-proto", 1, 0, 0.90, 0.90)
+    fake_run(root, "m-ours-01", "fedbn-proto", 0, 1, 0.85, 0.90)
+    fake_run(root, "b-fedbn-01", "fedbn", 0, 1, 0.86, 0.80)
+    fake_run(root, "y-fedbn-10", "fedbn", 1, 0, 0.85, 0.80)
+    fake_run(root, "c-fedbn-00", "fedbn", 0, 0, 0.70, 0.80)
+    fake_run(root, "d-fedbn-11", "fedbn", 1, 1, 0.60, 0.80)
+    return root
+
+
+def test_mean_and_sample_std_match_hand_values(runs: Path) -> None:
+    results = [r for d in find_run_dirs([runs]) for r in load_results(d)]
+    rows = {row["method"]: row for row in aggregate(results)}
+    assert rows["fedbn-proto"]["n_runs"] == 3 and rows["fedbn"]["n_runs"] == 4
+    # ours: 80, 90, 85 -> mean 85, squared deviations 25 + 25 + 0 = 50, / 2 -> std 5
+    assert rows["fedbn-proto"]["auc_mean"] == pytest.approx(85.0)
+    assert rows["fedbn-proto"]["auc_std"] == pytest.approx(5.0)
+    # FedBN: 70, 85, 86, 60 -> mean 75.25; squared deviations 27.5625 + 95.0625 + 115.5625 + 232.5625 = 470.75,
+    # / 3 = 156.91667 -> std 12.52664
+    assert rows["fedbn"]["auc_mean"] == pytest.approx(75.25)
+    assert rows["fedbn"]["auc_std"] == pytest.approx(12.52664, abs=1e-5)
+    assert rows["fedbn"]["accuracy_mean"] == pytest.approx(80.0) and rows["fedbn"]["accuracy_std"] == pytest.approx(0)
+
+
+def test_paired_t_test_matches_hand_values(runs: Path) -> None:
+    results = [r for d in find_run_dirs([runs]) for r in load_results(d)]
+    tests = {t["metric"]: t for t in paired_tests(results)}
+    auc = tests["auc"]
+    assert (auc["ours"], auc["other"], auc["n_pairs"]) == ("fedbn-proto", "fedbn", 3)  # (1,1) has no partner
+    # pairs by (fold, seed): (0,0) 80-70 = 10, (1,0) 90-85 = 5, (0,1) 85-86 = -1
+    # mean 14/3 = 4.66667; sd = sqrt((5.33333^2 + 0.33333^2 + 5.66667^2) / 2) = sqrt(30.33333) = 5.50757
+    # t = 4.66667 / (5.50757 / sqrt 3) = 1.46760; with 2 degrees of freedom p = 1 - |t| / sqrt(t^2 + 2)
+    t = (14 / 3) / (math.sqrt(91 / 3) / math.sqrt(3))
+    assert auc["mean_diff"] == pytest.approx(14 / 3)
+    assert auc["t"] == pytest.approx(1.46760, abs=1e-5) and auc["t"] == pytest.approx(t)
+    assert auc["p"] == pytest.approx(1 - t / math.sqrt(t * t + 2)) and auc["p"] == pytest.approx(0.27992, abs=1e-5)
+    # accuracy differs by exactly 10 points in every pair: no variance, so no t statistic
+    assert tests["accuracy"]["mean_diff"] == pytest.approx(10.0)
+    assert math.isnan(tests["accuracy"]["t"]) and math.isnan(tests["accuracy"]["p"])
+
+
+def test_report_files_published_column_and_statements(runs: Path, tmp_path: Path) -> None:
+    fake_run(runs, "contrastive-00", "contrastive", 0, 0, 0.75, 0.7)
+    fake_run(runs, "covidnet-00", "single", 0, 0, 0.65, 0.6, arch="covidnet")
+    out = tmp_path / "report"
+    assert main([str(runs), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "`grouped` = stratified K-fold with every patient" in md and "are excluded" in md
+    with open(out / "table.csv", newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(rows["contrastive"]["published_auc"]) == 96.24
+    assert float(rows["single [covidnet]"]["published_auc"]) == 84.08
+    assert rows["fedbn-proto"]["published_auc"] == "" and rows["fedbn"]["published_auc"] == ""
+    assert float(rows["contrastive"]["auc_mean"]) == pytest.approx(75.0)  # ours, never the published value
+    contrastive_line = next(line for line in md.splitlines() if "| contrastive |" in line)
+    assert "| 75.00 |" in contrastive_line and contrastive_line.endswith("| 96.24 |")
+    with open(out / "ttests.csv", newline="") as f:
+        others = {r["other"] for r in csv.DictReader(f)}
+    assert others == {"fedbn", "contrastive", "single [covidnet]"}
+    assert (out / f"roc_{SITE}.png").stat().st_size > 0
+
+
+def test_same_method_fold_and_seed_twice_is_refused(runs: Path, tmp_path: Path) -> None:
+    fake_run(runs, "again-ours-00", "fedbn-proto", 0, 0, 0.5, 0.5)
+    with pytest.raises(ReportError, match="appears twice"):
+        write_report([runs], tmp_path / "out")
+    assert main([str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")]) == 2
+
+
+def test_protocols_are_never_pooled(runs: Path, tmp_path: Path) -> None:
+    fake_run(runs, "image-ours-00", "fedbn-proto", 0, 0, 0.99, 0.99, protocol="image")
+    fake_run(runs, "image-fedbn-00", "fedbn", 0, 0, 0.95, 0.95, protocol="image")
+    results = [r for d in find_run_dirs([runs]) for r in load_results(d)]
+    rows = {(row["protocol"], row["method"]): row for row in aggregate(results)}
+    assert rows[("image", "fedbn-proto")]["n_runs"] == 1 and rows[("grouped", "fedbn-proto")]["n_runs"] == 3
+    assert rows[("grouped", "fedbn-proto")]["auc_mean"] == pytest.approx(85.0)
+    assert {(t["protocol"], t["n_pairs"]) for t in paired_tests(results)} == {("grouped", 3), ("image", 1)}
+    files = write_report([runs], tmp_path / "out")
+    assert {f.name for f in files if f.suffix == ".png"} == {f"roc_{SITE}_grouped.png", f"roc_{SITE}_image.png"}
+
+
+def test_run_writer_stores_roc_tpr_in_final_metrics(tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, "{}")
+    tpr = list(np.linspace(0, 1, len(ROC_FPR_GRID)))
+    metrics = {"accuracy": 1.0, "f1": 1.0, "sensitivity": 1.0, "precision": 1.0, "specificity": 1.0, "auc": 1.0,
+               "n": 4}
+    writer.finish("joint", {SITE: metrics}, {SITE: tpr}, protocol="grouped", fold=0, seed=0)
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["roc_tpr"][SITE] == pytest.approx(tpr)
+    assert load_results(tmp_path)[0].roc_tpr == pytest.approx(tuple(tpr))
