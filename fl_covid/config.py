@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+log = logging.getLogger(__name__)
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTOCOLS = ("grouped", "image", "official")
 FEDERATED_METHODS = ("fedavg", "fedbn", "fedbn-proto")
 CENTRAL_METHODS = ("single", "joint", "sepnorm", "contrastive")
-COMPRESSIONS = ("none", "fp16", "int8")
+COMPRESSIONS = ("none", "fp16")
 
 
 class ConfigError(ValueError):
@@ -258,6 +262,12 @@ def to_json(config: Config) -> str:
 FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir")
 
 
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    """Log a warning once per process (clients parse the run config for every message)."""
+    log.warning(message)
+
+
 def federated_config(run_config: Mapping[str, Any]) -> Config:
     """Config of a Flower run: YAML ``config-file``, then the run config's own scalars, then ``overrides``
     ("key=value key=value", the explicit word of whoever started the run). An empty ``data-root`` /
@@ -266,4 +276,13 @@ def federated_config(run_config: Mapping[str, Any]) -> Config:
     run_config = dict(run_config)
     scalars = {k: run_config[k] for k in FEDERATED_KEYS if k in run_config and run_config[k] != ""}
     overrides = parse_overrides(str(run_config.get("overrides", "")).split())
-    return load_config(run_config.get("config-file") or "configs/default.yaml", {**scalars, **overrides})
+    file = run_config.get("config-file") or "configs/default.yaml"
+    config = load_config(file, {**scalars, **overrides})
+    from_yaml = load_config(file)
+    for key in scalars.keys() - overrides.keys():
+        attr = key.replace("-", "_")
+        if getattr(from_yaml, attr) != getattr(Config, attr) and getattr(from_yaml, attr) != getattr(config, attr):
+            _warn_once(f"{file} sets {key}={getattr(from_yaml, attr)} but the run config says "
+                       f"{getattr(config, attr)}, which wins; pass --run-config \"{key}={getattr(from_yaml, attr)}\" "
+                       "to use the file's value")
+    return config
