@@ -29,17 +29,25 @@ def _site_data(config: Config, index: int, folder: str) -> tuple[Site, Split]:
     return load_configured_site(config, index, folder)
 
 
+def _node_path(node_config: dict, key: str) -> Path:
+    """An absolute folder from the SuperNode's ``--node-config`` (deployment)."""
+    value = str(node_config.get(key, ""))
+    if not value or not Path(value).expanduser().is_absolute():
+        raise ConfigError(f"node config key '{key}' must be an absolute folder, got {value!r}: start the SuperNode "
+                          "with --node-config \"site='NAME' data-dir='/abs/data' state-dir='/abs/state'\"")
+    return Path(value).expanduser()
+
+
 def _setup(context: Context, msg: Message) -> tuple[Config, SiteRunner, Path]:
     """Config, this node's site (node config in deployment, partition id in simulation) and its state folder
-    ``<state-dir or output-dir>/<run name>/site-<name>``, which stays on the site."""
+    ``<state-dir, or output-dir in simulation>/<run name>/site-<name>``, which stays on the site."""
     config = federated_config(context.run_config)
     nc = context.node_config
     if "site" in nc:
         if nc["site"] not in config.sites:
             raise ConfigError(f"node config site {nc['site']!r} is not one of the config's sites {config.sites}")
         index = config.sites.index(str(nc["site"]))
-        folder = Path(str(nc.get("data-dir") or config.resolved_data_root() / config.sites[index]))
-        state_root = Path(str(nc.get("state-dir") or config.resolved_output_dir()))
+        folder, state_root = _node_path(nc, "data-dir"), _node_path(nc, "state-dir")
     else:
         index, total = int(nc["partition-id"]), int(nc["num-partitions"])
         if total != len(config.sites):
@@ -53,13 +61,16 @@ def _setup(context: Context, msg: Message) -> tuple[Config, SiteRunner, Path]:
     return config, SiteRunner(config, index, site, split, select_device(config.device)), state_dir
 
 
-def _local_state(context: Context, state_dir: Path) -> LocalState | None:
-    """This site's BN/optimizer state: from memory (context.state), else from disk after a restart."""
-    if R.STATE_BN in context.state:
-        meta = context.state[R.STATE_META]
+def _local_state(context: Context, state_dir: Path, max_round: int) -> tuple[LocalState | None, str]:
+    """This site's newest BN/optimizer state of a round <= ``max_round`` and where it came from: memory
+    (context.state), else disk (after a SuperNode restart or a server resume, which starts a new run)."""
+    if R.STATE_BN in context.state and int(context.state[R.STATE_META]["round"]) <= max_round:
         return LocalState(R.from_record(context.state[R.STATE_BN]), R.from_record(context.state[R.STATE_OPTIMIZER]),
-                          int(meta["round"]))
-    return LocalState.load(state_dir)
+                          int(context.state[R.STATE_META]["round"])), "memory"
+    local = LocalState.load(state_dir, max_round)
+    if local is not None:
+        log.info("site state of round %d restored from %s", local.round, state_dir)
+    return local, "disk" if local is not None else "none"
 
 
 @app.train()
@@ -67,15 +78,16 @@ def train(msg: Message, context: Context) -> Message:
     config, runner, state_dir = _setup(context, msg)
     cfg = msg.content[R.CONFIG]
     bank = R.bank_from_record(msg.content[R.PROTOTYPES]) if R.PROTOTYPES in msg.content else None
+    server_round = int(cfg[R.ROUND])
+    start, source = _local_state(context, state_dir, server_round - 1)
     shared, prototypes, stats, local = runner.train(
-        R.from_record(msg.content[R.WEIGHTS]), _local_state(context, state_dir), float(cfg[R.LR]),
-        int(cfg[R.ROUND]), bank)
+        R.decode_tensors(msg.content[R.WEIGHTS]), start, float(cfg[R.LR]), server_round, bank)
     context.state[R.STATE_BN] = R.to_record(local.bn)
     context.state[R.STATE_OPTIMIZER] = R.to_record(local.optimizer)
     context.state[R.STATE_META] = ConfigRecord({"round": local.round})
-    local.save(state_dir)
+    local.save(state_dir, started_from=(start or LocalState()).provenance(source))
     content = RecordDict({
-        R.WEIGHTS: R.to_record(shared),
+        R.WEIGHTS: R.to_record(shared, config.compression),
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(runner.split.train), R.SITE_ID: runner.site_id, **stats}),
     })
     if prototypes is not None:
@@ -86,9 +98,11 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     config, runner, state_dir = _setup(context, msg)
-    metrics, roc_tpr, probs = runner.evaluate(R.from_record(msg.content[R.WEIGHTS]), _local_state(context, state_dir))
+    shared = R.decode_tensors(msg.content[R.WEIGHTS])
+    local, _ = _local_state(context, state_dir, int(msg.content[R.CONFIG][R.ROUND]))
+    metrics, roc_tpr, probs = runner.evaluate(shared, local)
     test = runner.split.test.tolist()
-    write_csv(state_dir / "predictions.csv",  # per-image results stay on the site
+    write_csv(state_dir.parent / f"predictions_{runner.site.name}.csv",  # per-image results stay on the site
               [{"path": runner.site.paths[i], "label": int(runner.site.labels[i]), "prob_covid": float(p)}
                for i, p in zip(test, probs)])
     reply = {R.NUM_EXAMPLES: metrics.pop("n"), R.SITE_ID: runner.site_id, **metrics, R.ROC_TPR: roc_tpr}

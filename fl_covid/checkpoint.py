@@ -1,16 +1,29 @@
-"""Atomic, pickle-free persistence of tensors (NPZ) and small metadata (JSON) for sites and the server."""
+"""Atomic, pickle-free persistence of tensors (NPZ) and small metadata (JSON) for sites and the server, and the
+server's state between rounds (``ServerState``) from which a run resumes."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from fl_covid.config import ConfigError
+from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import atomic_write_bytes, write_json
+
+STATE_JSON = "state.json"
+# settings that may differ when a run resumes: where files are and how long to wait, not what is learned
+RESUMABLE_KEYS = frozenset({"output-dir", "data-root", "min-sites", "round-timeout", "device", "num-threads"})
+SAMPLING = "Python's random re-seeded with seed * 100003 + round before each node sampling; no other server RNG"
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -23,6 +36,16 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     with np.load(path, allow_pickle=False) as z:
         return {k: torch.from_numpy(z[k].copy()) for k in z.files}
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of ``tensors`` (sorted by name): equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name].detach().cpu().numpy())
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -49,21 +72,109 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 
 
 class StateStore:
-    """A folder holding one party's state: ``<name>.npz`` tensor files and ``state.json`` metadata."""
+    """A folder holding one party's state: ``<name>.npz`` tensor groups and ``state.json`` metadata.
+
+    A save replaces the folder as a whole: the new state is written into a temporary folder beside it and renamed
+    into place, so a killed process leaves either the old or the new state, never a mix. The state it replaces is
+    kept as ``<folder>.previous`` when its ``round`` is lower than the new one (a site that trained a round the
+    server never completed can then go back to the round before). Between the two renames only the previous
+    state exists; ``load`` falls back to it.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
+        self.previous = self.folder.with_name(self.folder.name + ".previous")
 
     def save(self, tensors: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
-        """Write every tensor group, then the metadata last: its presence marks a complete state."""
-        for name, group in tensors.items():
-            save_tensors(self.folder / f"{name}.npz", group)
-        write_json(self.folder / "state.json", meta)
+        """Write every tensor group and the metadata into a new folder, then swap it in."""
+        parent = self.folder.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(f".{self.folder.name}.tmp-*"):  # left by a process killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.folder.name}.tmp-"))
+        try:
+            for name, group in tensors.items():
+                save_tensors(tmp / f"{name}.npz", group)
+            write_json(tmp / STATE_JSON, meta)
+            old = _meta(self.folder)
+            if old is None and self.folder.is_dir():
+                if any(self.folder.iterdir()):
+                    raise FileExistsError(f"{self.folder} holds files but no {STATE_JSON}, so it is not a saved "
+                                          "state; move it away or choose another folder")
+                self.folder.rmdir()
+            discard = None
+            if old is not None and _older(old, meta):
+                shutil.rmtree(self.previous, ignore_errors=True)
+                os.rename(self.folder, self.previous)
+            elif self.folder.exists():
+                discard = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.folder.name}.tmp-old-"))
+                os.rename(self.folder, discard / "state")
+            os.rename(tmp, self.folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if discard is not None:
+            shutil.rmtree(discard, ignore_errors=True)
 
-    def load(self, names: tuple[str, ...]) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
-        """The saved groups and metadata, or None when no complete state exists."""
-        meta_file = self.folder / "state.json"
-        if not meta_file.is_file():
+    def load(self, names: tuple[str, ...], max_round: int | None = None
+             ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
+        """The newest complete state (whose ``round`` is at most ``max_round`` if given): its tensor groups among
+        ``names`` and its metadata; None when there is none."""
+        for folder in (self.folder, self.previous):
+            meta = _meta(folder)
+            if meta is None or (max_round is not None and int(meta.get("round", 0)) > max_round):
+                continue
+            return {n: load_tensors(folder / f"{n}.npz") for n in names if (folder / f"{n}.npz").is_file()}, meta
+        return None
+
+
+def _meta(folder: Path) -> dict[str, Any] | None:
+    """The metadata of a complete state folder, else None."""
+    file = folder / STATE_JSON
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _older(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a state with metadata ``old`` precedes ``new`` (states without rounds always do)."""
+    return "round" not in old or "round" not in new or int(old["round"]) < int(new["round"])
+
+
+@dataclass
+class ServerState:
+    """What the server holds after a completed round: the shared weights it will send next, the prototype bank,
+    the per-site metric rows so far and the config (kebab-case dict) of the run. The server's only randomness,
+    node sampling, is re-seeded from ``seed`` and the round (``SAMPLING``), so no RNG state needs saving."""
+
+    round: int
+    shared: dict[str, torch.Tensor]
+    bank: PrototypeBank
+    history: list[dict[str, Any]]
+    config: dict[str, Any]
+
+    def save(self, folder: Path) -> None:
+        """Write the whole state atomically (``StateStore``)."""
+        bank = {"vectors": self.bank.vectors, "labels": self.bank.labels, "sites": self.bank.sites,
+                "counts": self.bank.counts}
+        StateStore(folder).save({"shared": self.shared, "bank": bank},
+                                {"round": self.round, "sampling": SAMPLING, "config": self.config,
+                                 "history": self.history})
+
+    @staticmethod
+    def load(folder: Path) -> ServerState | None:
+        """The last saved state, or None when ``folder`` holds none."""
+        loaded = StateStore(folder).load(("shared", "bank"))
+        if loaded is None:
             return None
-        meta = json.loads(meta_file.read_text())
-        return {n: load_tensors(self.folder / f"{n}.npz") for n in names if (self.folder / f"{n}.npz").is_file()}, meta
+        tensors, meta = loaded
+        b = tensors["bank"]
+        bank = PrototypeBank(b["vectors"].float(), b["labels"].long(), b["sites"].long(), b["counts"].long())
+        return ServerState(int(meta["round"]), tensors["shared"], bank, meta["history"], meta["config"])
+
+    def check_config(self, config: dict[str, Any], folder: Path) -> None:
+        """ConfigError unless ``config`` matches the saved run's, except for ``RESUMABLE_KEYS``."""
+        keys = sorted((set(config) | set(self.config)) - RESUMABLE_KEYS)
+        diff = [f"{k}: saved {self.config.get(k)!r}, now {config.get(k)!r}" for k in keys
+                if self.config.get(k) != config.get(k)]
+        if diff:
+            raise ConfigError(f"resume: the run config differs from the one of the checkpoint in {folder} ("
+                              + "; ".join(diff) + "); resume with the run's original settings")

@@ -67,6 +67,9 @@ class Config:
     min_sites: int = 0
     round_timeout: float = 0.0
     compression: str = "none"
+    # FedAvg weights: "dataset" = training-set size (classic FedAvg); "seen" = images processed this round,
+    # equal for every site since all take local-steps steps (the paper's balanced 16 + 16 batches)
+    fedavg_weights: str = "dataset"
     max_update_norm: float = 0.0
     # differential privacy of the prototypes (fedbn-proto)
     dp_epsilon: float = 0.0
@@ -108,6 +111,7 @@ class Config:
         need(0 <= self.min_sites <= len(self.sites), "min-sites", "must be in [0, number of sites] (0 = all)")
         need(self.round_timeout >= 0, "round-timeout", "must be >= 0 seconds (0 = wait for every site)")
         need(self.compression in COMPRESSIONS, "compression", f"must be one of {COMPRESSIONS}")
+        need(self.fedavg_weights in ("dataset", "seen"), "fedavg-weights", "must be 'dataset' or 'seen'")
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound on a site's update)")
         need(self.dp_epsilon >= 0, "dp-epsilon", "must be >= 0 (0 = prototypes without noise)")
         need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")

@@ -129,6 +129,7 @@ class SiteRunner:
         new_local = LocalState({k: state[k] for k in sorted(self.local_keys)}, optimizer_to_tensors(optimizer),
                                server_round)
         stats["seconds"] = time.perf_counter() - started
+        stats["examples_seen"] = cfg.local_steps * cfg.batch_size
         return {k: state[k] for k in self.keys}, prototypes, stats, new_local
 
     def evaluate(self, shared: dict[str, torch.Tensor], local: LocalState | None

@@ -28,7 +28,7 @@ RUN_NAME = "run-name"  # names the run directory and each site's state folder; k
 NUM_EXAMPLES = "num-examples"
 SITE_ID = "site-id"
 ROC_TPR = "roc-tpr"
-TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds")
+TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds", "examples_seen")
 # every metric key of a train / evaluate reply: the server rejects replies with other keys
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
 EVALUATE_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *METRIC_NAMES, ROC_TPR)
@@ -36,8 +36,6 @@ EVALUATE_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *METRIC_NAMES, ROC_TPR)
 STATE_BN = "local-bn"
 STATE_OPTIMIZER = "local-optimizer"
 STATE_META = "local-meta"
-# suffix of the float32 scale that follows an int8-encoded tensor (config key 'compression')
-INT8_SCALE = "::int8-scale"
 # prototype record keys
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 
@@ -54,55 +52,33 @@ def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def encode(arrays: Mapping[str, np.ndarray], compression: str) -> dict[str, np.ndarray]:
-    """Shared weights for transfer (config key ``compression``): ``fp16`` casts float arrays to float16,
-    ``int8`` stores ``round(a / s)`` as int8 with a float32 per-tensor scale ``s = max|a| / 127`` under
-    ``name + INT8_SCALE`` (error at most s / 2); integer arrays and ``none`` pass unchanged, keys keep their order."""
+    """Shared weights for transfer (config key ``compression``): ``fp16`` casts float32 arrays to float16 (relative
+    error at most 2**-11, half the bytes). Other dtypes pass unchanged: integer BN counters and the float64 that
+    FedAvg's averaging makes of them. ``none`` changes nothing; keys keep their order."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS} (config key 'compression')")
     out: dict[str, np.ndarray] = {}
     for name, a in arrays.items():
-        if compression == "none" or not np.issubdtype(a.dtype, np.floating):
+        if compression == "none" or a.dtype != np.float32:
             out[name] = a
             continue
         peak = float(np.abs(a).max()) if a.size else 0.0
-        if not np.isfinite(peak) or (compression == "fp16" and peak > float(np.finfo(np.float16).max)):
+        if not peak <= float(np.finfo(np.float16).max):  # also catches NaN
             raise ValueError(f"tensor {name} (max |value| {peak:.3g}) cannot be sent as {compression}; "
                              "set compression=none")
-        if compression == "fp16":
-            out[name] = a.astype(np.float16)
-        else:
-            scale = np.float32(peak / 127 if peak > 0 else 1.0)
-            out[name] = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
-            out[name + INT8_SCALE] = np.array(scale, dtype=np.float32)
+        out[name] = a.astype(np.float16)
     return out
 
 
 def decode(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of ``encode``, whatever the compression: float16 and scaled int8 arrays -> float32, the rest
-    unchanged, scale entries dropped. ValueError when a scale is orphaned, not a positive finite float32 scalar,
-    or belongs to an array that is not int8."""
-    out: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
-        if name.endswith(INT8_SCALE):
-            if name[:-len(INT8_SCALE)] not in arrays:
-                raise ValueError(f"array {name} is an int8 scale without its tensor")
-            continue
-        scale = arrays.get(name + INT8_SCALE)
-        if scale is not None:
-            if a.dtype != np.int8 or scale.shape != () or scale.dtype != np.float32 \
-                    or not np.isfinite(scale) or scale <= 0:
-                raise ValueError(f"tensor {name}: int8 encoding needs an int8 array and a positive float32 scale, "
-                                 f"got {a.dtype} and {scale.dtype} {scale.shape}")
-            out[name] = a.astype(np.float32) * scale
-        else:
-            out[name] = a.astype(np.float32) if a.dtype == np.float16 else a
-    return out
+    """Inverse of ``encode``, whatever the compression: float16 arrays -> float32, the rest unchanged."""
+    return {name: a.astype(np.float32) if a.dtype == np.float16 else a for name, a in arrays.items()}
 
 
 def decode_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
     """A received weights record (any compression) -> name -> float32 / integer tensor (writable copies)."""
-    return {k: torch.from_numpy(np.array(a, copy=True))
-            for k, a in decode({k: v.numpy() for k, v in record.items()}).items()}
+    raw = {k: v.numpy() for k, v in record.items()}
+    return {k: torch.from_numpy(a.copy() if a is raw[k] else a) for k, a in decode(raw).items()}
 
 
 def encode_record(record: ArrayRecord, compression: str) -> ArrayRecord:

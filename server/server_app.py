@@ -35,11 +35,13 @@ def main(grid: Grid, context: Context) -> None:
         seed=config.seed, run_name=run_dir.name, min_sites=config.min_sites_required,
         expected={k: (tuple(v.shape), v.numpy().dtype) for k, v in initial.items()},
         max_update_norm=config.max_update_norm, compression=config.compression,
+        weight_key=R.NUM_EXAMPLES if config.fedavg_weights == "dataset" else "examples_seen",
         on_row=lambda kind, row: writer.log({"phase": kind, **row}),
     )
     arrays, start = R.to_record(initial), 1
     if saved is not None:  # rows of a round the interrupted run did not complete are dropped
-        arrays, start, strategy.bank, writer.rows = R.to_record(saved.shared), saved.round + 1, saved.bank, saved.history
+        arrays, start = R.to_record(saved.shared), saved.round + 1
+        strategy.bank, writer.rows = saved.bank, saved.history
         write_csv(run_dir / HISTORY_CSV, writer.rows)
         write_json(run_dir / HISTORY_JSON, writer.rows)
         log.info("Resuming %s after round %d of %d", run_dir, saved.round, config.num_server_rounds)

@@ -45,11 +45,12 @@ class PrototypeFedAvg(FedAvg):
 
     def __init__(self, *, method: str, site_names: tuple[str, ...], lr: float, num_rounds: int, seed: int,
                  run_name: str, expected: dict[str, tuple[tuple[int, ...], np.dtype]], min_sites: int,
-                 proj_dim: int = 128, max_update_norm: float = 0.0, compression: str = "none",
+                 proj_dim: int = 128, max_update_norm: float = 0.0, compression: str = "none", weight_key: str = R.NUM_EXAMPLES,
                  on_row: Callable[[str, Row], None] | None = None) -> None:
         super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
                          arrayrecord_key=R.WEIGHTS, configrecord_key=R.CONFIG, weighted_by_key=R.NUM_EXAMPLES,
                          train_metrics_aggr_fn=_mean_metrics, evaluate_metrics_aggr_fn=_mean_metrics)
+        self.train_weight_key = weight_key  # what FedAvg weights the shared weights by (config fedavg-weights)
         self.method, self.site_names, self.lr, self.num_rounds = method, site_names, lr, num_rounds
         self.seed, self.run_name, self.expected, self.min_sites = seed, run_name, expected, min_sites
         self.proj_dim, self.max_update_norm = proj_dim, max_update_norm
@@ -118,7 +119,9 @@ class PrototypeFedAvg(FedAvg):
             if msg.has_error():
                 log.warning("round %d: site %s failed: %s", server_round, self._site_of(msg), msg.error.reason)
                 continue
-            reason = (self._decode(msg.content) if train else None) or self._problem(msg.content, train)
+            if train:
+                self._decode(msg.content)
+            reason = self._problem(msg.content, train)
             if not reason and msg.content[R.METRICS][R.SITE_ID] in {g.content[R.METRICS][R.SITE_ID] for g in good}:
                 reason = f"site-id {msg.content[R.METRICS][R.SITE_ID]} has already answered this round"
             if reason:
@@ -135,15 +138,11 @@ class PrototypeFedAvg(FedAvg):
         return good
 
     @staticmethod
-    def _decode(content: RecordDict) -> str | None:
-        """Replace a reply's weights (any compression) by their float32 decoding, once, before the checks and
-        the averaging (FedAvg would otherwise average float16 / int8 codes); returns why decoding failed."""
+    def _decode(content: RecordDict) -> None:
+        """Replace a reply's weights (float16 under compression=fp16) by float32, once, before the checks and the
+        averaging: FedAvg would otherwise accumulate the weighted sum in float16."""
         if R.WEIGHTS in content and isinstance(content[R.WEIGHTS], ArrayRecord):
-            try:
-                content[R.WEIGHTS] = R.decode_record(content[R.WEIGHTS])
-            except ValueError as e:
-                return str(e)
-        return None
+            content[R.WEIGHTS] = R.decode_record(content[R.WEIGHTS])
 
     def _problem(self, content: RecordDict, train: bool) -> str | None:
         if R.METRICS not in content or not isinstance(content[R.METRICS], MetricRecord):
@@ -194,7 +193,11 @@ class PrototypeFedAvg(FedAvg):
             kept = {int(s): (self.bank.vectors[self.bank.sites == s], self.bank.counts[self.bank.sites == s])
                     for s in self.bank.sites.unique().tolist()}
             self.bank = PrototypeBank.from_sites({**kept, **new_protos})
-        return super().aggregate_train(server_round, good)
+        self.weighted_by_key = self.train_weight_key
+        try:
+            return super().aggregate_train(server_round, good)
+        finally:
+            self.weighted_by_key = R.NUM_EXAMPLES
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = self._accepted(server_round, replies, train=False)
