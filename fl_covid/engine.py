@@ -8,6 +8,7 @@ with its own BN, then CE over all logits + alpha * NT-Xent over all projections 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_covid.data import augment, eval_input
+from fl_covid.data import eval_input, random_crops, to_input
 from fl_covid.losses import NTXentLoss
 from fl_covid.metrics import binary_metrics
 
@@ -30,11 +31,32 @@ class Chunk:
     labels: torch.Tensor
 
 
+# How often train_steps looks at the loss on the host: every look waits for the GPU to catch up.
+FINITE_CHECK_EVERY = 50
+
+
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` / ``cuda:N`` must exist.
+
+    Under a Ray simulation with ``client-resources-num-gpus`` > 0 each client actor sees only its own GPU(s)
+    through CUDA_VISIBLE_DEVICES, so ``cuda`` is that GPU; with 0 GPUs Ray hides them all and ``auto`` is the CPU.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"config key 'device' is {name!r} but this process sees {count} CUDA device(s) "
+                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use 'auto' or 'cpu'")
+    return device
+
+
+def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a CPU batch to ``device`` without making the host wait: pinned, asynchronous on CUDA."""
+    if device.type != "cuda":
+        return images.to(device)
+    return images.pin_memory().to(device, non_blocking=True)
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Adam:
@@ -67,43 +89,56 @@ def train_steps(
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
+    amp: bool | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` optimisation steps; returns mean loss, ce, con and train accuracy over them.
 
     ``alpha`` > 0 adds NT-Xent over the projections of the whole step (all chunks) plus ``candidates``
     ((P, D) vectors, (P,) labels), which are detached. ``lr_at(step)`` sets the learning rate per step.
+    ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
+    crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
+    the end (a non-finite loss is reported then, naming the steps it happened in).
     """
     device = torch.device(device)
     use_cuda = device.type == "cuda"
+    amp = use_cuda if amp is None else amp
     contrastive = NTXentLoss(temperature) if alpha > 0 else None
     cand = None
     if candidates is not None and contrastive is not None and len(candidates[0]):
         cand = (candidates[0].to(device), candidates[1].to(device))
     model.to(device).train()
+    if use_cuda:
+        model.to(memory_format=torch.channels_last)
     sums = torch.zeros(4, device=device)  # loss, ce, con, correct
-    seen = 0
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    seen, checked = 0, 0
     for step in range(steps):
         if lr_at is not None:
             set_lr(optimizer, lr_at(step))
         chunks = next_batch()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, projections, labels = [], [], []
             for c in chunks:
-                x = augment(c.images, image_size, generator).to(device, non_blocking=True)
+                x = to_input(to_device(random_crops(c.images, image_size, generator), device))
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 features = model.forward_features(x, c.site)
                 logits.append(model.forward_head(features, c.site))
                 if contrastive is not None:
                     projections.append(model.project(features, c.site))
-                labels.append(c.labels.to(device, non_blocking=True))
-            logit, label = torch.cat(logits).float(), torch.cat(labels)
-            ce = F.cross_entropy(logit, label)
-            con = (contrastive(torch.cat(projections).float(), label, *(cand or (None, None)))
-                   if contrastive is not None else torch.zeros((), device=device))
-            loss = ce + alpha * con
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss is {loss.item()} at step {step}: lower lr or check the data")
+                labels.append(to_device(c.labels, device))
+        # the losses in float32, outside autocast: similarities / temperature need more than bf16's 8 bits
+        logit, label = torch.cat(logits).float(), torch.cat(labels)
+        ce = F.cross_entropy(logit, label)
+        con = (contrastive(torch.cat(projections).float(), label, *(cand or (None, None)))
+               if contrastive is not None else torch.zeros((), device=device))
+        loss = ce + alpha * con
+        nonfinite |= ~torch.isfinite(loss.detach())
+        if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:
+            if nonfinite.item():
+                raise FloatingPointError(f"training loss became NaN or Inf within steps {checked}..{step}: "
+                                         "lower lr or check the data")
+            checked = step + 1
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -120,19 +155,21 @@ def train_steps(
 @torch.no_grad()
 def predict(
     model: nn.Module, images: torch.Tensor, site: int, image_size: int, batch_size: int = 128,
-    device: torch.device | str = "cpu", with_projections: bool = False,
+    device: torch.device | str = "cpu", with_projections: bool = False, amp: bool | None = None,
 ) -> tuple[np.ndarray, torch.Tensor | None]:
-    """Eval mode over uint8 (N, 1, R, R): P(COVID) (N,) and, if asked, unit projections (N, D) on the CPU."""
+    """Eval mode over uint8 (N, 1, R, R): P(COVID) (N,) and, if asked, unit projections (N, D) on the CPU.
+
+    ``amp``: bf16 autocast (default: on CUDA only); the uint8 batches are resized on the device."""
     device = torch.device(device)
     model.to(device).eval()
     probs, projs = [], []
     for start in range(0, len(images), batch_size):
-        x = eval_input(images[start:start + batch_size], image_size).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        x = eval_input(to_device(images[start:start + batch_size], device), image_size)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp):
             features = model.forward_features(x, site)
             probs.append(torch.softmax(model.forward_head(features, site).float(), 1)[:, 1])
             if with_projections:
-                projs.append(model.project(features, site).float())
+                projs.append(F.normalize(model.project(features, site).float(), dim=1))  # unit in float32
     p = torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
     return p, (torch.cat(projs).cpu() if with_projections else None)
 

@@ -46,10 +46,11 @@ class NTXentLoss(nn.Module):
         not_self = torch.ones_like(same)
         not_self[:, :b] = ~torch.eye(b, dtype=torch.bool, device=z.device)
         pos, neg = same & not_self, ~same
-        if not pos.any() or not neg.any():
-            return z.sum() * 0.0
         row_max = sim.detach().max(dim=1, keepdim=True).values
         exp = torch.exp(sim - row_max)
         neg_sum = (exp * neg).sum(dim=1, keepdim=True)  # (B, 1)
         per_pair = -(sim - row_max) + torch.log(exp + neg_sum)  # (B, B + P), -log of the softmax ratio
-        return per_pair[pos].mean()
+        # Mean over the positive pairs, 0 without a positive or a negative pair; no boolean indexing and no
+        # Python branch on tensor values, so a GPU step never waits for the host here.
+        mean = per_pair.masked_fill(~pos, 0.0).sum() / pos.sum().clamp(min=1)
+        return torch.where(pos.any() & neg.any(), mean, z.sum() * 0.0)

@@ -180,7 +180,7 @@ class ProtocolRunner:
     def __init__(self, config: Config, method: str, out: Path, seeds: list[int], config_file: str,
                  overrides: dict[str, str], leave_out: str = "", bn_modes: tuple[str, ...] = ("adapt",),
                  federation_config: str = "client-resources-num-cpus=1", timeout: float | None = None,
-                 show_progress: bool = True) -> None:
+                 show_progress: bool = True, run_folds: list[int] | None = None) -> None:
         self.config, self.method, self.out, self.seeds = config, method, out, seeds
         self.config_file, self.overrides = config_file, overrides
         self.leave_out, self.bn_modes = leave_out, bn_modes
@@ -190,6 +190,10 @@ class ProtocolRunner:
             federation_config = f"num-supernodes={len(config.sites)} {federation_config}".strip()
         self.federation_config = federation_config
         folds = [0] if config.protocol == "official" else list(range(config.folds))
+        if run_folds is not None:
+            if not set(run_folds) <= set(folds):
+                raise ConfigError(f"--run-folds {run_folds} must be among the folds {folds}")
+            folds = run_folds
         self.flower_home: Path | None = None  # private FLWR_HOME of the current federated protocol
         self.runs = [FoldRun(f, s, str(out / f"fold{f}-seed{s}")) for s in seeds for f in folds]
 
@@ -299,6 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", required=True, choices=FEDERATED_METHODS + CENTRAL_METHODS)
     parser.add_argument("--config", default="configs/default.yaml", help="YAML experiment config")
     parser.add_argument("--folds", type=int, default=4, help="K (default 4, as the paper)")
+    parser.add_argument("--run-folds", help="comma-separated folds to run (default: all K), e.g. 0")
     parser.add_argument("--seeds", type=int, default=3, help="S: seeds 0..S-1 (default 3, as the paper)")
     parser.add_argument("--protocol", choices=PROTOCOLS, help="split protocol (default: the config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
@@ -337,7 +342,8 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
     out = Path(args.out) if args.out else config.resolved_output_dir() / (
         f"protocol-{args.method}-{config.protocol}" + (f"-without-{args.leave_out}" if args.leave_out else ""))
     return ProtocolRunner(config, args.method, out.resolve(), list(range(args.seeds)), config_file, overrides,
-                          args.leave_out, bn_modes, args.federation_config, args.timeout, not args.quiet)
+                          args.leave_out, bn_modes, args.federation_config, args.timeout, not args.quiet,
+                          [int(f) for f in args.run_folds.split(",")] if args.run_folds else None)
 
 
 def main(argv: list[str] | None = None) -> int:
