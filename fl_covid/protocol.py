@@ -64,13 +64,13 @@ class FoldRun:
     unseen: list[str] = field(default_factory=list)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _pids_mentioning(text: str) -> list[int]:
+def pids_mentioning(text: str) -> list[int]:
     """PIDs (other than this one) whose command line contains ``text``."""
     out = []
     for proc in Path("/proc").iterdir():
@@ -108,8 +108,8 @@ class FlowerCLI:
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -141,13 +141,13 @@ class FlowerCLI:
     def close(self) -> None:
         """Stop the SuperLink (and anything else) started under this private FLWR_HOME, then remove it."""
         for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            for pid in _pids_mentioning(str(self.home)):
+            for pid in pids_mentioning(str(self.home)):
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
             deadline = time.time() + wait
-            while _pids_mentioning(str(self.home)) and time.time() < deadline:
+            while pids_mentioning(str(self.home)) and time.time() < deadline:
                 time.sleep(0.3)
         shutil.rmtree(self.home, ignore_errors=True)
 

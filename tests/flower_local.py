@@ -6,31 +6,13 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
 
+from fl_covid.protocol import free_port, pids_mentioning
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """PIDs whose command line contains ``text`` (e.g. the private FLWR_HOME path)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(proc.name))
-            except OSError:
-                continue
-    return out
 
 
 class LocalFlower:

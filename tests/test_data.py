@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from pathlib import Path
@@ -12,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from tests.conftest import read_manifest, write_manifest
 
 from fl_covid.data import (
     CLASSES, MEAN, STD, DataError, IndexStream, Site, Split, augment, check_no_leak, decode_image, eval_input,
@@ -24,18 +25,6 @@ LABEL_CONFLICTS = {"COVID/kjr-21-e24-p5-29.png", "COVID/kjr-21-e24-p5-31.png", "
 
 
 SITE_B = "site_b_covidct"
-
-
-def read_manifest(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def names(path: Path) -> str:

@@ -22,7 +22,7 @@ from tests.inprocess import Delivery, InProcessGrid, shared_run, wire
 
 METHODS = ("fedavg", "fedbn", "fedbn-proto")
 # The whitelist, written out here on purpose (not imported from the code under audit).
-TRAIN_METRICS = {"num-examples", "site-id", "loss", "ce", "con", "train_accuracy", "seconds"}
+TRAIN_METRICS = {"num-examples", "site-id", "loss", "ce", "con", "train_accuracy", "seconds", "examples_seen"}
 EVALUATE_METRICS = {"num-examples", "site-id", "accuracy", "f1", "sensitivity", "precision", "specificity", "auc",
                     "roc-tpr"}
 PROTOTYPE_ARRAYS = {"vectors": ((2, 128), np.float32), "labels": ((2,), np.int64), "sites": ((2,), np.int64),

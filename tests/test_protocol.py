@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from fl_covid.config import ConfigError, project_root
-from fl_covid.protocol import _pids_mentioning, main, make_runner, parse_args, run_config_string
+from fl_covid.protocol import pids_mentioning, main, make_runner, parse_args, run_config_string
 
 SITE_A, SITE_B = "site_a_sarscov2", "site_b_covidct"
 
@@ -69,7 +69,7 @@ def test_federated_leave_one_site_out_through_flwr_run(tmp_path: Path) -> None:
         "--set", "num-server-rounds=1", "--set", "local-steps=2", "--leave-out", SITE_B, "--bn", "average",
         "--out", str(out), "--quiet"]))
     assert runner.run()
-    assert runner.flower_home is not None and not _pids_mentioning(str(runner.flower_home))  # SuperLink stopped
+    assert runner.flower_home is not None and not pids_mentioning(str(runner.flower_home))  # SuperLink stopped
     record = json.loads((out / "protocol.json").read_text())
     assert record["mode"] == "federated" and record["federation_config"].startswith("num-supernodes=1 ")
     assert record["sites"] == [SITE_A] and record["leave_out"] == SITE_B
