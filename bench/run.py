@@ -64,7 +64,7 @@ from fl_covid.federated import LocalState, shared_keys  # noqa: E402
 from fl_covid.model import create_model  # noqa: E402
 from fl_covid.prototypes import PrototypeBank  # noqa: E402
 from fl_covid.reporting import write_json  # noqa: E402
-from tests.flower_local import LocalFlower, free_port, pids_mentioning  # noqa: E402
+from tests.flower_local import LocalFlower, free_port  # noqa: E402
 
 log = logging.getLogger("bench")
 SMOKE = "configs/smoke.yaml"

@@ -7,11 +7,10 @@ config) come on top. Unknown keys, wrong types and out-of-range values fail at s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
