@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole hospital deployment on one machine (loopback): a CA and SuperLink certificate, one key pair per site,
-# a SuperLink with TLS and SuperNode authentication, both sites registered, one SuperNode per site with its own
-# node config, then `flwr run` of 2 rounds of configs/smoke.yaml on real CT images. Exits non-zero unless the run
+# a SuperLink with TLS and SuperNode authentication behind its proxy, both sites registered, one SuperNode per
+# site with its own node config and a policy approving this copy of the app, then `flwr run` of 2 rounds of
+# configs/smoke.yaml on real CT images, each site pinned to its registered node. Exits non-zero unless the run
 # finished as completed with final metrics from both sites. Stops every process it started, also on failure.
 #
 # Usage: deploy/demo.sh [DATA_ROOT]
@@ -14,7 +15,7 @@ data_root=$(cd "${1:-$repo/data}" && pwd)
 sites=(site_a_sarscov2 site_b_covidct)
 secrets=$repo/deploy/secrets/demo
 work=$repo/deploy/work/demo
-for tool in openssl ssh-keygen flower-superlink flower-supernode flwr python; do
+for tool in openssl ssh-keygen flower-superlink flower-supernode flwr python fl-covid-app-hash; do
     command -v "$tool" >/dev/null || { echo "$tool not found: install it (see docs/deploy.md)" >&2; exit 1; }
 done
 
@@ -44,25 +45,39 @@ free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1"
 rm -rf "$secrets" "$work"
 mkdir -p "$work"
 link_port=$(free_port)
+control_port=$(free_port)
 export FLWR_HOME=$work/operator FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 
 echo "== certificates and site keys ($secrets)"
 "$repo/deploy/make_certificates.sh" "$secrets" localhost 127.0.0.1
 for site in "${sites[@]}"; do "$repo/deploy/make_site_key.sh" "$secrets/sites" "$site"; done
-"$repo/deploy/add_connection.sh" demo "127.0.0.1:$link_port" "$secrets/ca.crt"
+"$repo/deploy/add_connection.sh" demo "127.0.0.1:$control_port" "$secrets/ca.crt"
+digest=$(fl-covid-app-hash "$repo")
+for site in "${sites[@]}"; do  # each hospital approves the app it reviewed (here: this copy) and sets its limits
+    printf 'approved-apps: [%s]\nallowed-methods: [fedbn, fedbn-proto]\nmax-rounds: 10\nmin-prototype-images: 2\n' \
+        "$digest" >"$secrets/sites/$site.policy.yaml"
+done
 
-echo "== SuperLink on 127.0.0.1:$link_port (log: $work/superlink.log)"
+echo "== SuperLink: hospitals' port 127.0.0.1:$link_port, operator's 127.0.0.1:$control_port (log: $work/superlink.log)"
 setsid "$repo/deploy/start_superlink.sh" --secrets "$secrets" --state-dir "$work/superlink" \
-    --host 127.0.0.1 --port "$link_port" >"$work/superlink.log" 2>&1 &
+    --host 127.0.0.1 --port "$link_port" --control-port "$control_port" >"$work/superlink.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 60); do (: >"/dev/tcp/127.0.0.1/$link_port") 2>/dev/null && break; sleep 0.5; done
-for site in "${sites[@]}"; do flwr supernode register "$secrets/sites/$site.key.pub" demo; done
+for _ in $(seq 60); do flwr supernode ls demo >/dev/null 2>&1 && break; sleep 1; done
+pins=()
+for site in "${sites[@]}"; do
+    out=$(flwr supernode register "$secrets/sites/$site.key.pub" demo)
+    echo "$out"
+    node=$(echo "$out" | grep -oE '[0-9]{6,}' | head -1)
+    [ -n "$node" ] || { echo "FAILED: no node id in the registration of $site" >&2; exit 1; }
+    pins+=("$site=$node")
+done
 
 for site in "${sites[@]}"; do
     echo "== SuperNode of $site (log: $work/$site.log)"
     setsid "$repo/deploy/start_supernode.sh" --superlink "127.0.0.1:$link_port" --ca "$secrets/ca.crt" \
         --key "$secrets/sites/$site.key" --site "$site" --data-dir "$data_root/$site" \
-        --state-dir "$work/$site" --port "$(free_port)" >"$work/$site.log" 2>&1 &
+        --state-dir "$work/$site" --policy "$secrets/sites/$site.policy.yaml" --port "$(free_port)" \
+        >"$work/$site.log" 2>&1 &
     pids+=($!)
 done
 
@@ -82,8 +97,9 @@ done
 
 echo "== flwr run: 2 rounds of configs/smoke.yaml"
 cd "$repo"
+site_nodes=$(IFS=,; echo "${pins[*]}")
 timeout 1200 flwr run . demo --stream --run-config "config-file='configs/smoke.yaml' num-server-rounds=2 \
-local-steps=2 output-dir='$work/server-runs'" 2>&1 | tee "$work/run.log"
+local-steps=2 output-dir='$work/server-runs' overrides='site-nodes=$site_nodes'" 2>&1 | tee "$work/run.log"
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$work/run.log" | head -1)
 [ -n "$run_id" ] || { echo "FAILED: the run did not start" >&2; exit 1; }
 flwr ls demo --run-id "$run_id" --format json >"$work/status.json"

@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Run one hospital's SuperNode in the foreground. It connects out to the SuperLink (no inbound port needed at the
 # hospital), proves its identity with the site's private key and trains on the site's images, which never leave.
+# It runs only app bundles whose SHA-256 the site policy approves (the ClientApp process is fl-covid-clientapp,
+# which checks the bundle before any of its code runs), and the ClientApp refuses runs that break the policy.
 # Every hospital runs this same script; only the arguments differ.
 #
 # Usage: deploy/start_supernode.sh --superlink HOST:PORT --ca CA_CERT --key SITE_KEY --site SITE
-#                                  --data-dir DIR --state-dir DIR [--port 9094]
+#                                  --data-dir DIR --state-dir DIR --policy FILE [--port 9094]
 #   --ca         ca.crt from the operator          --key  private key of deploy/make_site_key.sh
 #   --site       the site's name in the experiment config (e.g. site_a_sarscov2)
 #   --data-dir   the site's images: COVID/ and NonCOVID/ folders and/or a manifest.csv (read only)
-#   --state-dir  the site's own folder: BN statistics, optimizer state, predictions (stays at the hospital)
+#   --state-dir  the site's own folder: BN statistics, optimizer state, models, predictions (stays at the hospital)
+#   --policy     the site's policy (YAML, see deploy/site-policy.example.yaml): approved apps, methods, DP, caps
 #   --port       local port the SuperNode uses to run the app on this machine (default 9094)
 set -euo pipefail
 
-usage() { sed -n 6,12p "$0" >&2; exit 2; }
-superlink="" ca="" key="" site="" data="" state="" port=9094
+usage() { sed -n 8,15p "$0" >&2; exit 2; }
+superlink="" ca="" key="" site="" data="" state="" policy="" port=9094
 while [ $# -gt 0 ]; do
     case $1 in
         --superlink) superlink=$2; shift 2 ;;
@@ -22,23 +25,44 @@ while [ $# -gt 0 ]; do
         --site) site=$2; shift 2 ;;
         --data-dir) data=$2; shift 2 ;;
         --state-dir) state=$2; shift 2 ;;
+        --policy) policy=$2; shift 2 ;;
         --port) port=$2; shift 2 ;;
         *) usage ;;
     esac
 done
-for v in "$superlink" "$ca" "$key" "$site" "$data" "$state"; do [ -n "$v" ] || usage; done
+for v in "$superlink" "$ca" "$key" "$site" "$data" "$state" "$policy"; do [ -n "$v" ] || usage; done
 fail() { echo "$*" >&2; exit 1; }
 [ -f "$ca" ] || fail "CA certificate $ca not found (the operator gives you ca.crt)"
 [ -f "$key" ] || fail "private key $key not found (make it with deploy/make_site_key.sh)"
+[ -f "$policy" ] || fail "site policy $policy not found (start from deploy/site-policy.example.yaml)"
 [ -f "$data/manifest.csv" ] || { [ -d "$data/COVID" ] && [ -d "$data/NonCOVID" ]; } ||
     fail "$data must hold the site's COVID/ and NonCOVID/ image folders or a manifest.csv"
+python=$(python3 -c 'import sys; print(sys.executable)')
+"$python" -I -c "import clients.guard" 2>/dev/null || fail "fl-covid is not installed for $python (pip install .)"
 abs() { (cd "$1" && pwd); }
 umask 077
-mkdir -p "$state"
+mkdir -p "$state/.bin"
 data=$(abs "$data")
 state=$(abs "$state")
-case "$site$data$state" in *"'"* | *'"'*) fail "site and folders must not contain quotes" ;; esac
-export FLWR_HOME=$state/flwr-home FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
+policy=$(abs "$(dirname "$policy")")/$(basename "$policy")
+case "$site$data$state$policy" in *"'"* | *'"'*) fail "site, folders and policy must not contain quotes" ;; esac
+python3 - "$policy" "$site" <<'PY' || fail "the site policy $policy is not usable (see above)"
+import sys
+from pathlib import Path
+from fl_covid.config import ConfigError, load_site_policy
+try:
+    policy = load_site_policy(Path(sys.argv[1]))
+except ConfigError as e:
+    sys.exit(str(e))
+if not policy.approved_apps:
+    sys.exit("the policy approves no app: list the SHA-256 of the reviewed app (fl-covid-app-hash) in approved-apps")
+print(f"site {sys.argv[2]}: {len(policy.approved_apps)} approved app(s), methods {', '.join(policy.allowed_methods)}")
+PY
+# the SuperNode launches the ClientApp process by this name; -I: no code from the working folder or PYTHONPATH
+printf '#!/bin/sh\nexec "%s" -I -c "from clients.guard import main; main()" "$@"\n' "$python" >"$state/.bin/flwr-clientapp"
+chmod 700 "$state/.bin/flwr-clientapp"
+export PATH=$state/.bin:$PATH FL_COVID_SITE_POLICY=$policy
+export FLWR_HOME=$state/.flwr-home FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
 exec flower-supernode \
     --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" --port "$port" \
-    --node-config "site='$site' data-dir='$data' state-dir='$state'"
+    --node-config "site='$site' data-dir='$data' state-dir='$state' policy='$policy'"

@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fl_covid.config import CENTRAL_METHODS, Config, ConfigError, load_config, parse_overrides, to_json
+from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
 from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
+from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import create_model
 from fl_covid.reporting import RunWriter, new_run_dir, write_csv
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], members: list[int],
                writer: RunWriter, device: torch.device, bar: tqdm) -> dict[str, dict]:
     """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site."""
-    per_site_bn = method in ("sepnorm", "contrastive")
+    spec = METHODS[method]
+    per_site_bn = spec.per_site_bn
     model = create_model(config.arch, config.width, len(members) if per_site_bn else 1,
                          image_size=config.image_size)
     optimizer = make_optimizer(model, config.lr)
@@ -49,7 +51,7 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
             chunks = [Chunk(0, torch.cat([c.images for c in chunks]), torch.cat([c.labels for c in chunks]))]
         return chunks
 
-    alpha = config.alpha if method == "contrastive" else 0.0
+    alpha = config.alpha if spec.contrastive else 0.0
     for epoch in range(1, config.epochs + 1):
         start = (epoch - 1) * steps_per_epoch
         started = time.perf_counter()
@@ -84,9 +86,10 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
 def run_central(config: Config, method: str, show_progress: bool = True) -> Path:
     """Train ``method`` on the configured sites and fold; returns the run directory."""
     if method not in CENTRAL_METHODS:
-        raise ConfigError(f"method must be one of {CENTRAL_METHODS}, got {method!r}")
-    if method == "contrastive" and config.arch != "redesigned":
-        raise ConfigError("method 'contrastive' needs arch=redesigned (the original COVID-Net has no projection)")
+        raise ConfigError(f"config key 'method' must be one of the centralized methods {CENTRAL_METHODS}, got "
+                          f"{method!r} (federated methods run with flwr run)")
+    if METHODS[method].contrastive and config.arch != "redesigned":
+        raise ConfigError(f"method {method!r} needs arch=redesigned (the original COVID-Net has no projection)")
     config = config.replace(method=method)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -94,7 +97,7 @@ def run_central(config: Config, method: str, show_progress: bool = True) -> Path
     device = select_device(config.device)
     sites = [load_configured_site(config, k) for k in range(len(config.sites))]
     writer = RunWriter(new_run_dir(config.resolved_output_dir(), method, config.tag), to_json(config))
-    groups = [[k] for k in range(len(sites))] if method == "single" else [list(range(len(sites)))]
+    groups = [list(range(len(sites)))] if METHODS[method].pooled else [[k] for k in range(len(sites))]
     total = sum(config.epochs * math.ceil(max(len(sites[k][1].train) for k in g) / config.batch_size)
                 for g in groups)
     results: dict[str, dict] = {}

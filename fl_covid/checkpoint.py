@@ -22,8 +22,31 @@ from fl_covid.reporting import atomic_write_bytes, write_json
 
 STATE_JSON = "state.json"
 # settings that may differ when a run resumes: where files are and how long to wait, not what is learned
-RESUMABLE_KEYS = frozenset({"output-dir", "data-root", "min-sites", "round-timeout", "device", "num-threads"})
-SAMPLING = "Python's random re-seeded with seed * 100003 + round before each node sampling; no other server RNG"
+RESUMABLE_KEYS = frozenset({"output-dir", "data-root", "min-sites", "round-timeout", "device", "num-threads",
+                            "resume", "site-nodes"})
+SAMPLING = "every connected node is sent every round (no sampling); the server draws no random numbers"
+# A site's folder for one run, under its state root: <root>/<run name>/site-<name>/{state,state.previous,model}
+SITE_STATE = "state"
+SITE_MODEL = "model"
+PREDICTIONS_CSV = "predictions.csv"
+
+
+def site_folder(root: Path, run_name: str, site: str) -> Path:
+    """A site's folder of one run: its training state, its final model and its per-image predictions."""
+    return Path(root) / run_name / f"site-{site}"
+
+
+def prune_site_states(root: Path, site: str, keep: int) -> list[Path]:
+    """Delete this site's training state (BN, optimizer) of all but the ``keep`` most recently saved runs under
+    ``root``; models, predictions and anything else stay. Returns the deleted folders."""
+    states = sorted(Path(root).glob(f"*/site-{site}/{SITE_STATE}/{STATE_JSON}"), key=lambda f: f.stat().st_mtime,
+                    reverse=True)
+    deleted = []
+    for file in states[keep:]:
+        for folder in (file.parent, file.parent.with_name(SITE_STATE + ".previous")):
+            shutil.rmtree(folder, ignore_errors=True)
+            deleted.append(folder)
+    return deleted
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:

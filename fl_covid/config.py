@@ -10,21 +10,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
 
 import yaml
+
+from fl_covid.methods import FEDERATED_METHODS, METHODS, Method
 
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTOCOLS = ("grouped", "image", "official")
-FEDERATED_METHODS = ("fedavg", "fedbn", "fedbn-proto")
-CENTRAL_METHODS = ("single", "joint", "sepnorm", "contrastive")
 COMPRESSIONS = ("none", "fp16")
+FEDAVG_WEIGHTS = ("equal", "dataset")
 
 
 class ConfigError(ValueError):
@@ -66,10 +68,26 @@ class Config:
     min_sites: int = 0
     round_timeout: float = 0.0
     compression: str = "none"
-    # FedAvg weights: "dataset" = training-set size (classic FedAvg); "seen" = images processed this round,
-    # equal for every site since all take local-steps steps (the paper's balanced 16 + 16 batches)
-    fedavg_weights: str = "dataset"
+    # weight of each site in the average, computed by the server: "equal" (every site takes local-steps steps of
+    # batch-size images, the paper's balanced 16 + 16 batches) or "dataset" (training-set size as the site
+    # reported it in its first accepted reply, classic FedAvg)
+    fedavg_weights: str = "equal"
     max_update_norm: float = 0.0
+    # deployment: "site=node-id,..." pins each site to the node the operator registered for it (empty: a site is
+    # pinned to the node of its first accepted reply)
+    site_nodes: str = ""
+    # a prototype never summarises fewer training images than this (fewer: the class's prototype is withheld)
+    min_prototype_images: int = 10
+    # prototypes per class and site: 1 = the class mean, k > 1 = means of k k-means clusters (sub-prototypes)
+    prototypes_per_class: int = 1
+    # FedProx's proximal term weight (methods with a proximal term)
+    proximal_mu: float = 0.01
+    # server optimizer (fedadam, fedyogi: eta; fedavgm: server learning rate); 0 = the optimizer's usual value
+    server_lr: float = 0.0
+    server_momentum: float = 0.9  # fedavgm: momentum; fedadam / fedyogi: beta_1
+    server_tau: float = 1e-3  # fedadam / fedyogi: adaptivity
+    # deployment: continue the run directory RESUME (absolute, or relative to output-dir) from its checkpoint
+    resume: str = ""
     # differential privacy of the prototypes (fedbn-proto)
     dp_epsilon: float = 0.0
     dp_delta: float = 1e-5
@@ -103,25 +121,59 @@ class Config:
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              "must be 'auto', 'cpu' or 'cuda[:N]'")
         need(self.num_threads >= 0, "num-threads", "must be >= 0 (0 = torch's default)")
-        need(self.method in FEDERATED_METHODS + CENTRAL_METHODS, "method",
-             f"must be one of {FEDERATED_METHODS + CENTRAL_METHODS}")
+        need(self.method in METHODS, "method", f"must be one of {tuple(METHODS)}")
         need(self.num_server_rounds >= 1, "num-server-rounds", "must be >= 1")
         need(self.local_steps >= 1, "local-steps", "must be >= 1")
         need(0 <= self.min_sites <= len(self.sites), "min-sites", "must be in [0, number of sites] (0 = all)")
         need(self.round_timeout >= 0, "round-timeout", "must be >= 0 seconds (0 = wait for every site)")
         need(self.compression in COMPRESSIONS, "compression", f"must be one of {COMPRESSIONS}")
-        need(self.fedavg_weights in ("dataset", "seen"), "fedavg-weights", "must be 'dataset' or 'seen'")
+        need(self.fedavg_weights in FEDAVG_WEIGHTS, "fedavg-weights", f"must be one of {FEDAVG_WEIGHTS}")
+        need(self.min_prototype_images >= 1, "min-prototype-images", "must be >= 1")
+        need(1 <= self.prototypes_per_class <= 16, "prototypes-per-class", "must be in [1, 16]")
+        need(self.prototypes_per_class == 1 or self.dp_epsilon == 0, "prototypes-per-class",
+             "must be 1 with dp-epsilon > 0 (the DP guarantee covers class means, not clusters)")
+        need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+        need(self.server_lr >= 0, "server-lr", "must be >= 0 (0 = the server optimizer's usual value)")
+        need(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
+        need(self.server_tau > 0, "server-tau", "must be > 0")
+        try:
+            self.pinned_nodes
+        except ValueError as e:
+            raise ConfigError(f"config key 'site-nodes' {e}") from None
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound on a site's update)")
         need(self.dp_epsilon >= 0, "dp-epsilon", "must be >= 0 (0 = prototypes without noise)")
         need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
         need(self.dp_clip > 0, "dp-clip", "must be > 0")
-        need(self.dp_epsilon == 0 or self.method == "fedbn-proto", "dp-epsilon",
-             "applies to the prototypes of method fedbn-proto only; set it to 0 for other methods")
+        need(self.dp_epsilon == 0 or self.spec.prototypes, "dp-epsilon",
+             "applies to the prototypes of methods that exchange them (fedbn-proto); set it to 0 otherwise")
+
+    @property
+    def spec(self) -> Method:
+        """The record of ``method``: what is shared, kept per site and added to the loss."""
+        return METHODS[self.method]
+
+    @property
+    def pinned_nodes(self) -> dict[int, int]:
+        """``site-nodes`` as site index -> node id; ValueError when it names an unknown site or a bad id."""
+        out: dict[int, int] = {}
+        for pair in filter(None, (p.strip() for p in self.site_nodes.split(","))):
+            site, sep, node = pair.partition("=")
+            if not sep or site not in self.sites or not node.strip().isdigit():
+                raise ValueError(f"must be 'SITE=NODE_ID,...' with SITE among {self.sites}, got {pair!r}")
+            if self.sites.index(site) in out or int(node) in out.values():
+                raise ValueError(f"pins a site or a node twice: {self.site_nodes!r}")
+            out[self.sites.index(site)] = int(node)
+        return out
 
     @property
     def cache_size(self) -> int:
         """Side of the cached square images: image_size * 256 / 224, the SPEC's resize before a random crop."""
         return round(self.image_size * 256 / 224)
+
+    @property
+    def effective_server_lr(self) -> float:
+        """``server-lr``, or the server optimizer's usual value: 1.0 for FedAvgM, 3e-3 for FedAdam / FedYogi."""
+        return self.server_lr or (1.0 if self.spec.server_optimizer == "fedavgm" else 3e-3)
 
     @property
     def min_sites_required(self) -> int:
@@ -262,7 +314,9 @@ def to_json(config: Config) -> str:
 
 
 
-FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir")
+FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir",
+                  "resume")
+SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 @lru_cache(maxsize=None)
@@ -271,21 +325,200 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-def federated_config(run_config: Mapping[str, Any]) -> Config:
+def federated_config(run_config: Mapping[str, Any], at_site: bool = False) -> Config:
     """Config of a Flower run: YAML ``config-file``, then the run config's own scalars, then ``overrides``
     ("key=value key=value", the explicit word of whoever started the run). An empty ``data-root`` /
     ``output-dir`` keeps the YAML value or the default. Flower always sends every run-config key, so a YAML value
-    for one of FEDERATED_KEYS is replaced by the run config's: set those with --run-config."""
+    for one of FEDERATED_KEYS is replaced by the run config's: set those with --run-config.
+
+    ``at_site``: a site reads ``config-file`` only from its own installed copy of the app (``site_config_file``),
+    never from a path the server chose. A centralized method is refused, naming the key ``method``."""
     run_config = dict(run_config)
     scalars = {k: run_config[k] for k in FEDERATED_KEYS if k in run_config and run_config[k] != ""}
     overrides = parse_overrides(str(run_config.get("overrides", "")).split())
-    file = run_config.get("config-file") or "configs/default.yaml"
+    name = str(run_config.get("config-file") or "configs/default.yaml")
+    file = site_config_file(name) if at_site else resolve_config_file(name)
     config = load_config(file, {**scalars, **overrides})
-    from_yaml = load_config(file)
-    for key in scalars.keys() - overrides.keys():
-        attr = key.replace("-", "_")
-        if getattr(from_yaml, attr) != getattr(Config, attr) and getattr(from_yaml, attr) != getattr(config, attr):
-            _warn_once(f"{file} sets {key}={getattr(from_yaml, attr)} but the run config says "
-                       f"{getattr(config, attr)}, which wins; pass --run-config \"{key}={getattr(from_yaml, attr)}\" "
-                       "to use the file's value")
+    if not config.spec.federated:
+        raise ConfigError(f"config key 'method' is {config.method!r}, a centralized method: a federated run needs "
+                          f"one of {FEDERATED_METHODS} (run centralized methods with fl-covid-central)")
+    if not at_site:
+        from_yaml = load_config(file)
+        for key in scalars.keys() - overrides.keys():
+            attr = key.replace("-", "_")
+            if getattr(from_yaml, attr) != getattr(Config, attr) and getattr(from_yaml, attr) != getattr(config, attr):
+                _warn_once(f"{file} sets {key}={getattr(from_yaml, attr)} but the run config says "
+                           f"{getattr(config, attr)}, which wins; pass --run-config \"{key}={getattr(from_yaml, attr)}\" "
+                           "to use the file's value")
     return config
+
+
+def site_config_file(name: str) -> Path:
+    """The experiment YAML a site trains with: ``configs/<name>.yaml`` of the site's own copy of the app (whose
+    content the site approved), never an arbitrary path (the server could probe the site's files with it)."""
+    parts = PurePosixPath(name).parts
+    if len(parts) != 2 or parts[0] != "configs" or not SAFE_NAME.fullmatch(parts[1]) \
+            or not parts[1].endswith((".yaml", ".yml")):
+        raise ConfigError(f"config-file {name!r} must name a file configs/NAME.yaml of the app")
+    file = PACKAGE_DIR.parent / "configs" / parts[1]
+    if not file.is_file():
+        raise ConfigError(f"config-file {name!r} is not one of the app's configs")
+    return file
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """A hospital's own limits on what it trains, set in its SuperNode's node config (or the YAML file that the
+    node config key ``policy`` names) and checked by the site before it trains; the server cannot change them.
+
+    ``approved-apps``: SHA-256 digests of the app bundles (FABs) the site runs (checked by ``fl-covid-clientapp``
+    before any code of a run is loaded; empty = none, and the SuperNode script refuses to start).
+    ``require-dp`` with ``max-dp-epsilon`` (per round; 0 = no bound) and ``dp-budget`` (total epsilon over all runs
+    of this site; 0 = no bound): prototypes leave the site only with differential privacy within these bounds.
+    ``max-*``: resource caps. ``min-prototype-images``: the smallest ``min-prototype-images`` a run may use.
+    ``keep-runs``: training state of older runs than the newest ``keep-runs`` is deleted (final models are kept).
+    The defaults constrain little (a simulation has no hospital behind it); deploy/site-policy.example.yaml is a
+    hospital's starting point.
+    """
+
+    approved_apps: tuple[str, ...] = ()
+    allowed_methods: tuple[str, ...] = FEDERATED_METHODS
+    require_dp: bool = False
+    max_dp_epsilon: float = 0.0
+    dp_budget: float = 0.0
+    max_rounds: int = 1000
+    max_local_steps: int = 5000
+    max_batch_size: int = 256
+    max_width: float = 1.0
+    max_image_size: int = 512
+    max_threads: int = 64
+    min_prototype_images: int = 1
+    keep_runs: int = 5
+
+    def __post_init__(self) -> None:
+        for digest in self.approved_apps:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ConfigError(f"site policy key 'approved-apps': {digest!r} is not a SHA-256 hex digest")
+        if unknown := set(self.allowed_methods) - set(FEDERATED_METHODS):
+            raise ConfigError(f"site policy key 'allowed-methods': {sorted(unknown)} are not federated methods "
+                              f"{FEDERATED_METHODS}")
+        for key in ("max_dp_epsilon", "dp_budget"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"site policy key '{key.replace('_', '-')}' must be >= 0")
+        for key in ("max_rounds", "max_local_steps", "max_batch_size", "max_image_size", "max_threads",
+                    "min_prototype_images", "keep_runs"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"site policy key '{key.replace('_', '-')}' must be >= 1")
+
+    def violations(self, config: Config) -> list[str]:
+        """Why this site refuses to train ``config`` (empty when it complies)."""
+        c, out = config, []
+        if c.method not in self.allowed_methods:
+            out.append(f"method {c.method!r} is not among allowed-methods {list(self.allowed_methods)}")
+        if self.require_dp and c.spec.prototypes and c.dp_epsilon <= 0:
+            out.append("prototypes must be released with differential privacy (require-dp) but dp-epsilon is 0")
+        if self.max_dp_epsilon and c.spec.prototypes and c.dp_epsilon > self.max_dp_epsilon:
+            out.append(f"dp-epsilon {c.dp_epsilon} per round exceeds max-dp-epsilon {self.max_dp_epsilon}")
+        for key, value, cap in (("num-server-rounds", c.num_server_rounds, self.max_rounds),
+                                ("local-steps", c.local_steps, self.max_local_steps),
+                                ("batch-size", c.batch_size, self.max_batch_size),
+                                ("width", c.width, self.max_width), ("image-size", c.image_size, self.max_image_size),
+                                ("num-threads", c.num_threads, self.max_threads)):
+            if value > cap:
+                out.append(f"{key} {value} exceeds the site's cap {cap}")
+        if c.min_prototype_images < self.min_prototype_images:
+            out.append(f"min-prototype-images {c.min_prototype_images} is below the site's "
+                       f"{self.min_prototype_images}")
+        return out
+
+
+_POLICY_FIELDS = {f.name.replace("_", "-"): f for f in fields(SitePolicy)}
+POLICY_ENV = "FL_COVID_SITE_POLICY"  # the policy file, for the guard that runs before the app (clients/guard.py)
+
+
+def load_site_policy(file: Path | None, values: Mapping[str, Any] | None = None) -> SitePolicy:
+    """A site policy: the YAML ``file`` (if any), then ``values`` (node config keys) on top. Lists may be YAML lists
+    or comma-separated strings. Unknown keys, wrong types and bad values are errors naming the key."""
+    merged: dict[str, Any] = {}
+    if file is not None:
+        file = file.expanduser()
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"site policy file {file} cannot be read: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"site policy file {file} must hold a mapping of keys to values")
+        merged.update(loaded)
+    merged.update(values or {})
+    kwargs = {}
+    for key, value in merged.items():
+        if key not in _POLICY_FIELDS:
+            raise ConfigError(f"unknown site policy key '{key}'; known: {', '.join(sorted(_POLICY_FIELDS))}")
+        f = _POLICY_FIELDS[key]
+        if isinstance(value, str) and f.type in ("tuple[str, ...]", tuple[str, ...]):
+            value = [v.strip() for v in value.replace(",", " ").split()]
+        kwargs[f.name] = _coerce(key, value, _TYPES[f.type] if isinstance(f.type, str) else f.type)
+    return SitePolicy(**kwargs)
+NODE_KEYS = ("site", "data-dir", "state-dir", "policy", "partition-id", "num-partitions")
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """A SuperNode's own settings. Deployment: ``site`` (its name in the experiment's ``sites``), absolute
+    ``data-dir`` and ``state-dir``, and its policy; simulation: Flower's ``partition-id`` / ``num-partitions``."""
+
+    site: str = ""
+    data_dir: str = ""
+    state_dir: str = ""
+    partition: int = -1
+    num_partitions: int = 0
+    policy: SitePolicy = SitePolicy()
+
+    @property
+    def deployed(self) -> bool:
+        return bool(self.site)
+
+    def site_index(self, config: Config) -> int:
+        """This node's index into ``config.sites``."""
+        if self.deployed:
+            if self.site not in config.sites:
+                raise ConfigError(f"node config site {self.site!r} is not one of the config's sites {config.sites}")
+            return config.sites.index(self.site)
+        if self.num_partitions != len(config.sites):
+            raise ConfigError(f"the federation has {self.num_partitions} nodes but config key 'sites' lists "
+                              f"{len(config.sites)}")
+        return self.partition
+
+    def data_folder(self, config: Config) -> Path:
+        """The site's image folder: ``data-dir`` in deployment, ``<data-root>/<site>`` in simulation."""
+        return Path(self.data_dir) if self.deployed else config.resolved_data_root() / config.sites[self.partition]
+
+    def state_root(self, config: Config) -> Path:
+        """Where the site keeps its state: ``state-dir`` in deployment, ``output-dir`` in simulation."""
+        return Path(self.state_dir) if self.deployed else config.resolved_output_dir()
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+    """A SuperNode's node config -> NodeConfig. Policy keys may stand in the node config itself or in the YAML file
+    named by ``policy`` (node config wins); an unknown key is an error naming it."""
+    nc = dict(node_config)
+    unknown = set(nc) - set(NODE_KEYS) - set(_POLICY_FIELDS)
+    if unknown:
+        raise ConfigError(f"unknown node config keys {sorted(unknown)}; known: "
+                          f"{', '.join(sorted(set(NODE_KEYS) | set(_POLICY_FIELDS)))}")
+    policy = load_site_policy(Path(str(nc["policy"])) if nc.get("policy") else None,
+                              {k: v for k, v in nc.items() if k in _POLICY_FIELDS})
+    if "site" in nc:
+        for key in ("data-dir", "state-dir"):
+            value = str(nc.get(key, ""))
+            if not value or not Path(value).expanduser().is_absolute():
+                raise ConfigError(f"node config key '{key}' must be an absolute folder, got {value!r}: start the "
+                                  "SuperNode with --node-config \"site='NAME' data-dir='/abs/data' "
+                                  "state-dir='/abs/state'\"")
+        return NodeConfig(site=str(nc["site"]), data_dir=str(Path(str(nc["data-dir"])).expanduser()),
+                          state_dir=str(Path(str(nc["state-dir"])).expanduser()), policy=policy)
+    try:
+        return NodeConfig(partition=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]), policy=policy)
+    except (KeyError, ValueError) as e:
+        raise ConfigError("node config needs 'site', 'data-dir' and 'state-dir' (deployment) or Flower's "
+                          "'partition-id' and 'num-partitions' (simulation)") from e

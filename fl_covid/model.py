@@ -71,6 +71,7 @@ class COVIDNet(nn.Module):
             raise ValueError(f"num_sites must be >= 1, got {num_sites}")
         self.redesigned = redesigned
         self.num_sites = num_sites
+        self.proj_dim = proj_dim
 
         def ch(c: int) -> int:
             return max(8, int(round(c * width / 8)) * 8)

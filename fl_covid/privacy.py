@@ -23,8 +23,10 @@ without noise (see docs/threat-model.md).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,24 +68,46 @@ def noisy_class_sums(projections: torch.Tensor, labels: torch.Tensor, clip: floa
     return sums, counts
 
 
-def secret_generator() -> torch.Generator:
-    """A generator seeded from the operating system's entropy: DP noise must not be reproducible from the
-    run's seed, which the server knows."""
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+def site_secret(file: Path) -> bytes:
+    """The site's noise secret (32 random bytes, created on first use, readable by the site only); it never
+    leaves the site."""
+    if not file.is_file():
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(file.with_name(file.name + ".new"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+        os.replace(file.with_name(file.name + ".new"), file)
+    secret = file.read_bytes()
+    if len(secret) != 32:
+        raise ValueError(f"{file} does not hold a 32-byte noise secret; delete it to make a new one")
+    return secret
+
+
+def noise_generator(secret: bytes, run_name: str, server_round: int) -> torch.Generator:
+    """The generator of one round's DP noise: seeded from the site's secret with the run and round. The server,
+    which knows the run's seed, cannot predict the noise; a round released again (a resumed run repeating an
+    interrupted round) repeats its noise exactly, which reveals nothing new and costs no privacy."""
+    digest = hashlib.sha256(secret + f"|{run_name}|{server_round}|prototype-noise".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @torch.no_grad()
 def private_prototypes(projections: torch.Tensor, labels: torch.Tensor, epsilon: float, delta: float,
-                       clip: float = 1.0, generator: torch.Generator | None = None, num_classes: int = 2
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(epsilon, delta)-DP version of ``class_prototypes``: (unit prototypes (C, D) float32, counts (C,) int64).
+                       generator: torch.Generator, clip: float = 1.0, min_count: int = 1,
+                       num_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(epsilon, delta)-DP version of ``class_prototypes`` with one prototype per class: (unit prototypes (P, D)
+    float32, labels (P,), noisy counts (P,) int64, floored at ``min_count``). A class with fewer than
+    ``min_count`` training images is withheld; that decision uses the true count and is not covered by the
+    guarantee (it reveals only whether the class reaches the minimum).
 
-    ``generator`` only for tests; by default the noise comes from ``secret_generator()``.
+    ``generator``: the noise source, ``noise_generator`` of the site's secret.
     """
     sums, counts = noisy_class_sums(
         projections, labels, clip, gaussian_sigma(epsilon, delta, clip), gaussian_sigma(epsilon, delta, 1.0),
-        generator if generator is not None else secret_generator(), num_classes)
-    return F.normalize(sums, dim=1).float(), counts.round().clamp(min=0).to(torch.int64)
+        generator, num_classes)
+    present = torch.bincount(labels, minlength=num_classes) >= min_count
+    return (F.normalize(sums, dim=1).float()[present], torch.arange(num_classes)[present],
+            counts.round().clamp(min=min_count).to(torch.int64)[present])
 
 
 def privacy_report(epsilon: float, delta: float, clip: float, rounds: int) -> dict[str, object]:

@@ -29,9 +29,9 @@ from typing import Any
 
 from fl_covid.centralized import run_central
 from fl_covid.config import (
-    CENTRAL_METHODS, FEDERATED_METHODS, PROTOCOLS, Config, ConfigError, load_config, parse_overrides, project_root,
-    resolve_config_file, to_json,
+    PROTOCOLS, Config, ConfigError, load_config, parse_overrides, project_root, resolve_config_file, to_json,
 )
+from fl_covid.methods import CENTRAL_METHODS, FEDERATED_METHODS, METHODS
 from fl_covid.data import DataError
 from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, write_json
 from fl_covid.unseen import evaluate_unseen
@@ -46,7 +46,7 @@ PROTOCOL_TEXT = {
     "official": "the manifest's train/val/test split (one split; fold is ignored)",
 }
 # settings that do not change what a run learns: a finished fold-run with other values is still reused
-REUSE_IGNORES = frozenset({"output-dir", "device", "num-threads"})
+REUSE_IGNORES = frozenset({"output-dir", "device", "num-threads", "resume", "site-nodes"})
 MODEL_SELECTION = ("none: the last epoch (centralized) or round (federated) is evaluated on the test fold; the "
                    "validation part is only monitored")
 
@@ -184,7 +184,7 @@ class ProtocolRunner:
         self.config, self.method, self.out, self.seeds = config, method, out, seeds
         self.config_file, self.overrides = config_file, overrides
         self.leave_out, self.bn_modes = leave_out, bn_modes
-        self.federated = method in FEDERATED_METHODS
+        self.federated = METHODS[method].federated
         self.timeout, self.show_progress = timeout, show_progress
         if self.federated and "num-supernodes" not in federation_config:
             federation_config = f"num-supernodes={len(config.sites)} {federation_config}".strip()

@@ -1,5 +1,10 @@
 """Torch state <-> Flower records, and the record and metric keys every site and the server share.
 
+Shared weights travel as ONE flat float32 vector (float16 under ``compression=fp16``): every shared tensor in the
+order of a ``Layout`` that both sides derive from the model. One array instead of one per tensor makes a message a
+handful of objects for Flower to move, whatever the model's depth. Whatever is received is judged from its
+metadata (serialisation, dtype, shape, byte size) before anything is decoded.
+
 The only module of the library that imports Flower.
 """
 
@@ -15,10 +20,14 @@ from fl_covid.config import COMPRESSIONS
 from fl_covid.metrics import METRIC_NAMES
 from fl_covid.prototypes import PrototypeBank
 
+NPY_HEADER_MAX = 4096  # bytes an .npy header may add to an array's data
+Layout = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of every shared tensor, in transfer order
+
 # RecordDict keys of messages
-WEIGHTS = "arrays"  # ArrayRecord: shared weights (all weights under fedavg)
+WEIGHTS = "arrays"  # ArrayRecord holding FLAT: shared weights (BN included under fedavg)
+FLAT = "weights"  # the one array of a weights record
 PROTOTYPES = "prototypes"  # ArrayRecord: prototype bank (server -> site) or a site's prototypes (site -> server)
-CONFIG = "config"  # ConfigRecord: server-round, lr
+CONFIG = "config"  # ConfigRecord: server-round, lr, run-name
 METRICS = "metrics"  # MetricRecord of a reply
 # ConfigRecord keys
 ROUND = "server-round"
@@ -26,85 +35,130 @@ LR = "lr"
 RUN_NAME = "run-name"  # names the run directory and each site's state folder; kept on resume
 # MetricRecord keys (identical on every site; the site is a number, never part of a name)
 NUM_EXAMPLES = "num-examples"
+WEIGHT = "aggregation-weight"  # set by the server on accepted replies, never taken from a site
 SITE_ID = "site-id"
 ROC_TPR = "roc-tpr"
-TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds", "examples_seen")
+TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds")
 # every metric key of a train / evaluate reply: the server rejects replies with other keys
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
 EVALUATE_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *METRIC_NAMES, ROC_TPR)
-# context.state keys (stay on the site)
-STATE_BN = "local-bn"
-STATE_OPTIMIZER = "local-optimizer"
-STATE_META = "local-meta"
 # prototype record keys
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 
 
-def to_record(tensors: Mapping[str, torch.Tensor], compression: str = "none") -> ArrayRecord:
-    """State dict (or any name -> tensor mapping) -> ArrayRecord in the mapping's order, encoded by ``encode``."""
-    arrays = encode({k: v.detach().cpu().contiguous().numpy() for k, v in tensors.items()}, compression)
-    return ArrayRecord({k: Array(a) for k, a in arrays.items()})
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
+    """The transfer layout of float tensors (name -> tensor, in the mapping's order)."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32:
+            raise ValueError(f"shared tensor {name} is {t.dtype}; only float32 tensors are shared")
+    return tuple((name, tuple(t.shape)) for name, t in tensors.items())
 
 
-def from_record(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """ArrayRecord -> name -> tensor (copies, writable)."""
-    return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
+def layout_size(layout: Layout) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout)
 
 
-def encode(arrays: Mapping[str, np.ndarray], compression: str) -> dict[str, np.ndarray]:
-    """Shared weights for transfer (config key ``compression``): ``fp16`` casts float32 arrays to float16 (relative
-    error at most 2**-11, half the bytes). Other dtypes pass unchanged: integer BN counters and the float64 that
-    FedAvg's averaging makes of them. ``none`` changes nothing; keys keep their order."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS} (config key 'compression')")
-    out: dict[str, np.ndarray] = {}
-    for name, a in arrays.items():
-        if compression == "none" or a.dtype != np.float32:
-            out[name] = a
-            continue
-        peak = float(np.abs(a).max()) if a.size else 0.0
-        if not peak <= float(np.finfo(np.float16).max):  # also catches NaN
-            raise ValueError(f"tensor {name} (max |value| {peak:.3g}) cannot be sent as {compression}; "
-                             "set compression=none")
-        out[name] = a.astype(np.float16)
+def flatten(tensors: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
+    """Shared tensors -> one float32 vector (N,) in ``layout`` order; KeyError / ValueError when they differ."""
+    parts = []
+    for name, shape in layout:
+        t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, the layout says {shape}")
+        parts.append(t.detach().cpu().reshape(-1).to(torch.float32))
+    return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
+
+
+def unflatten(flat: np.ndarray, layout: Layout) -> dict[str, torch.Tensor]:
+    """Inverse of ``flatten``: (N,) -> name -> float32 tensor (writable copies)."""
+    if flat.shape != (layout_size(layout),):
+        raise ValueError(f"flat weights have shape {flat.shape}, the layout needs ({layout_size(layout)},)")
+    out, start = {}, 0
+    for name, shape in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        out[name] = torch.from_numpy(np.array(flat[start:start + n], dtype=np.float32)).reshape(shape)
+        start += n
     return out
 
 
-def decode(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Inverse of ``encode``, whatever the compression: float16 arrays -> float32, the rest unchanged."""
-    return {name: a.astype(np.float32) if a.dtype == np.float16 else a for name, a in arrays.items()}
-
-
-def decode_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """A received weights record (any compression) -> name -> float32 / integer tensor (writable copies)."""
-    raw = {k: v.numpy() for k, v in record.items()}
-    return {k: torch.from_numpy(a.copy() if a is raw[k] else a) for k, a in decode(raw).items()}
-
-
-def encode_record(record: ArrayRecord, compression: str) -> ArrayRecord:
-    """An ArrayRecord of float32 / integer weights -> the same record encoded for transfer (see ``encode``)."""
+def encode(flat: np.ndarray, compression: str) -> np.ndarray:
+    """Flat float32 weights for transfer (config key ``compression``): ``fp16`` halves the bytes (relative error at
+    most 2**-11); ``none`` sends them as they are."""
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS} (config key 'compression')")
     if compression == "none":
-        return record
-    return ArrayRecord({k: Array(a) for k, a in encode({k: v.numpy() for k, v in record.items()}, compression).items()})
+        return flat
+    peak = float(np.abs(flat).max()) if flat.size else 0.0
+    if not peak <= float(np.finfo(np.float16).max):  # also catches NaN
+        raise ValueError(f"weights (max |value| {peak:.3g}) cannot be sent as {compression}; set compression=none")
+    return flat.astype(np.float16)
 
 
-def decode_record(record: ArrayRecord) -> ArrayRecord:
-    """A received weights record (any compression) -> the same record in float32, for checks and averaging."""
-    return ArrayRecord({k: Array(a) for k, a in decode({k: v.numpy() for k, v in record.items()}).items()})
+def wire_dtype(compression: str) -> np.dtype:
+    return np.dtype(np.float16 if compression == "fp16" else np.float32)
+
+
+def weights_record(flat: np.ndarray, compression: str = "none") -> ArrayRecord:
+    """Flat float32 weights -> the record that carries them, encoded by ``encode``."""
+    return ArrayRecord({FLAT: Array(np.ascontiguousarray(encode(flat, compression)))})
+
+
+def read_weights(record: object, size: int, compression: str) -> np.ndarray:
+    """A received weights record -> flat float32 weights (N,), after checking from the metadata that it holds
+    exactly one array of ``size`` values in the dtype of ``compression``. ValueError naming the problem."""
+    if not isinstance(record, ArrayRecord) or set(record) != {FLAT}:
+        keys = sorted(record)[:3] if isinstance(record, ArrayRecord) else type(record).__name__
+        raise ValueError(f"weights record must hold one array '{FLAT}', got {keys}")
+    return checked_array(record, FLAT, (size,), (wire_dtype(compression),)).astype(np.float32)
+
+
+def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """Any name -> tensor mapping -> ArrayRecord, one array per tensor (prototype banks)."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
 
 
 def bank_to_record(bank: PrototypeBank) -> ArrayRecord:
     return to_record({P_VECTORS: bank.vectors, P_LABELS: bank.labels, P_SITES: bank.sites, P_COUNTS: bank.counts})
 
 
-def bank_from_record(record: ArrayRecord) -> PrototypeBank:
-    """ArrayRecord -> PrototypeBank; ValueError if keys or shapes do not form a bank."""
-    t = from_record(record)
-    if set(t) != {P_VECTORS, P_LABELS, P_SITES, P_COUNTS}:
-        raise ValueError(f"prototype record has keys {sorted(t)}, expected {[P_VECTORS, P_LABELS, P_SITES, P_COUNTS]}")
-    n = t[P_VECTORS].shape[0]
-    if t[P_VECTORS].ndim != 2 or any(t[k].shape != (n,) for k in (P_LABELS, P_SITES, P_COUNTS)):
-        raise ValueError("prototype record shapes do not match: vectors (P, D), labels/sites/counts (P,)")
-    if not torch.isfinite(t[P_VECTORS]).all():
-        raise ValueError("prototype vectors contain NaN or Inf")
-    return PrototypeBank(t[P_VECTORS].float(), t[P_LABELS].long(), t[P_SITES].long(), t[P_COUNTS].long())
+def checked_array(record: ArrayRecord, name: str, shape: tuple[int, ...], dtypes: tuple[np.dtype, ...]
+                  ) -> np.ndarray:
+    """One array of a received record, judged from its metadata (serialisation, dtype, shape, byte size) before it
+    is decoded, then checked again after decoding (the bytes could say otherwise). ValueError."""
+    arr = record.get(name)
+    if not isinstance(arr, Array):
+        raise ValueError(f"array {name} is missing")
+    if arr.stype != "numpy.ndarray":
+        raise ValueError(f"array {name} has serialisation {str(arr.stype)[:40]!r}, expected numpy.ndarray")
+    try:
+        dtype, dims = np.dtype(arr.dtype), tuple(int(d) for d in arr.shape)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"array {name} has unreadable metadata") from e
+    if dtype not in dtypes:
+        raise ValueError(f"array {name} has dtype {dtype}, expected {' or '.join(map(str, dtypes))}")
+    if dims != tuple(shape):
+        raise ValueError(f"array {name} has shape {dims}, expected {tuple(shape)}")
+    nbytes = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if not nbytes <= len(arr.data) <= nbytes + NPY_HEADER_MAX:
+        raise ValueError(f"array {name} holds {len(arr.data)} bytes, not the {nbytes} its shape and dtype need")
+    try:
+        a = arr.numpy()
+    except Exception as e:  # noqa: BLE001 - whatever numpy makes of foreign bytes
+        raise ValueError(f"array {name} cannot be decoded ({type(e).__name__})") from e
+    if a.dtype != dtype or a.shape != dims:
+        raise ValueError(f"array {name} decodes to {a.dtype} {a.shape}, not the {dtype} {dims} it declares")
+    return a
+
+
+def read_bank(record: object, dim: int, max_rows: int) -> PrototypeBank:
+    """A received prototype record -> PrototypeBank, each array checked from its metadata before decoding (at most
+    ``max_rows`` rows of ``dim`` float32 values, int64 labels, sites and counts). ValueError."""
+    if not isinstance(record, ArrayRecord) or set(record) != {P_VECTORS, P_LABELS, P_SITES, P_COUNTS}:
+        raise ValueError(f"prototype record must be an ArrayRecord with keys {[P_VECTORS, P_LABELS, P_SITES, P_COUNTS]}")
+    vectors = record[P_VECTORS]
+    rows = vectors.shape[0] if isinstance(vectors, Array) and len(vectors.shape) == 2 else -1
+    if not 0 <= rows <= max_rows:
+        raise ValueError(f"prototype record has {rows} rows, at most {max_rows} expected")
+    v = checked_array(record, P_VECTORS, (rows, dim), (np.dtype(np.float32),))
+    ints = [checked_array(record, k, (rows,), (np.dtype(np.int64),)) for k in (P_LABELS, P_SITES, P_COUNTS)]
+    return PrototypeBank(*(torch.from_numpy(a.copy()) for a in (v, *ints)))

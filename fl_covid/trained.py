@@ -4,8 +4,8 @@ Layout, written by the federated server and sites (simulation) and by ``fl-covid
 
     RUN/config.json                 resolved config of the run
     RUN/checkpoint/shared.npz       final shared weights: every tensor under fedavg, all but BN otherwise
-    RUN/site-<name>/bn.npz          the site's BN parameters and statistics (empty under fedavg)
-    RUN/site-<name>/shared.npz      centralized ``single`` over several sites only: that site's own model
+    RUN/site-<name>/state/bn.npz    the site's BN parameters and statistics (only step counters under fedavg)
+    RUN/site-<name>/state/shared.npz  centralized ``single`` over several sites only: that site's own model
 
 Tensor names are those of a one-site model (``create_model(..., num_sites=1)``); a centralized model with
 per-site BN is stored the same way, BN index j becoming site j's ``bn.npz``.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fl_covid.checkpoint import StateStore, load_tensors
+from fl_covid.checkpoint import SITE_STATE, StateStore, load_tensors, site_folder
 from fl_covid.config import Config, load_config
 from fl_covid.model import COVIDNet, SiteBatchNorm, bn_keys, create_model, load_partial
 from fl_covid.reporting import CONFIG_JSON
@@ -30,8 +30,8 @@ BN_FILE = "bn.npz"
 
 
 def site_dir(run_dir: Path, site: str) -> Path:
-    """Folder of one site's state inside a run directory."""
-    return Path(run_dir) / f"site-{site}"
+    """Folder of one site's training state inside a run directory."""
+    return site_folder(Path(run_dir).parent, Path(run_dir).name, site) / SITE_STATE
 
 
 def site_bn_state(model: COVIDNet, index: int) -> dict[str, torch.Tensor]:
@@ -101,11 +101,11 @@ class TrainedRun:
         """A training site's BN tensors; under fedavg (BN shared) the BN part of the shared weights."""
         if site not in self.config.sites:
             raise ValueError(f"site {site!r} did not train in run {self.dir}; its sites are {list(self.config.sites)}")
-        bn = self._npz(site_dir(self.dir, site) / BN_FILE, f"BN state of site '{site}'")
-        if bn:
-            return bn
         keys = bn_keys(self.new_model())
-        return {k: v for k, v in self.shared(site).items() if k in keys}
+        bn = self._npz(site_dir(self.dir, site) / BN_FILE, f"BN state of site '{site}'")
+        if self.config.spec.shares_bn:  # FedAvg: BN travelled with the shared weights
+            bn.update({k: v for k, v in self.shared(site).items() if k in keys})
+        return bn
 
     def new_model(self) -> COVIDNet:
         """An untrained one-site model of this run's architecture."""

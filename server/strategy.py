@@ -1,25 +1,32 @@
-"""FedAvg with a prototype bank, a cosine learning rate per round, reply validation and per-site logging."""
+"""The server's strategy: one of Flower's (FedAvg, FedProx, FedAdam, FedYogi, FedAvgM) with the sites' rules on top.
+
+``SitesMixin`` sends the cosine learning rate, the run name and the prototype bank with each train message,
+checks every reply inside one guard (anything malformed rejects that reply, never the run), pins each node to one
+site, weights the average by what the server computes (never by what a site claims), takes the prototypes out of
+the replies before Flower averages the weights, and hands one row per site and round to ``on_row``.
+"""
 
 from __future__ import annotations
 
 import logging
-import random
 from typing import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fl_covid import records as R
+from fl_covid.config import Config
 from fl_covid.engine import cosine_lr
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.validation import check_metrics, check_num_examples, check_prototypes, check_update
+from fl_covid.validation import check_metrics, check_num_examples, check_prototypes, check_update, remote_text
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, float | int | str]
+NUM_CLASSES = 2
 
 
 class NotEnoughSites(RuntimeError):
@@ -27,185 +34,238 @@ class NotEnoughSites(RuntimeError):
 
 
 def _mean_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of scalar metrics, without the site id and list-valued metrics."""
+    """Weighted mean of scalar metrics over the accepted replies, without the site id and list-valued metrics."""
     mrs = [c[R.METRICS] for c in contents]
     weights = np.array([float(m[weight_key]) for m in mrs])
     keys = [k for k, v in mrs[0].items() if k not in (R.SITE_ID, weight_key) and isinstance(v, (int, float))]
-    out = {k: float(np.average([float(m[k]) for m in mrs], weights=weights)) for k in keys}
-    return MetricRecord({**out, weight_key: int(weights.sum())})
+    return MetricRecord({k: float(np.average([float(m[k]) for m in mrs], weights=weights)) for k in keys})
 
 
-class PrototypeFedAvg(FedAvg):
-    """FedAvg over the shared weights of every site, plus the cross-site prototype exchange (SPEC section 4).
+class SitesMixin:
+    """What the federation adds to a Flower strategy; placed before it in the class's bases (``build_strategy``).
 
-    Sends the bank of prototypes with each train message (``fedbn-proto``), takes the sites' prototypes out of
-    their replies before averaging, rejects unsound replies, sorts replies by site id so that aggregation is
-    deterministic, and hands one row per site and round to ``on_row``.
+    Every node is sent every round (no sampling, so no randomness); replies are sorted by site id before Flower
+    aggregates them, which makes aggregation deterministic.
     """
 
-    def __init__(self, *, method: str, site_names: tuple[str, ...], lr: float, num_rounds: int, seed: int,
-                 run_name: str, expected: dict[str, tuple[tuple[int, ...], np.dtype]], min_sites: int,
-                 proj_dim: int = 128, max_update_norm: float = 0.0, compression: str = "none", weight_key: str = R.NUM_EXAMPLES,
-                 on_row: Callable[[str, Row], None] | None = None) -> None:
-        super().__init__(min_train_nodes=min_sites, min_evaluate_nodes=min_sites, min_available_nodes=min_sites,
-                         arrayrecord_key=R.WEIGHTS, configrecord_key=R.CONFIG, weighted_by_key=R.NUM_EXAMPLES,
-                         train_metrics_aggr_fn=_mean_metrics, evaluate_metrics_aggr_fn=_mean_metrics)
-        self.train_weight_key = weight_key  # what FedAvg weights the shared weights by (config fedavg-weights)
-        self.method, self.site_names, self.lr, self.num_rounds = method, site_names, lr, num_rounds
-        self.seed, self.run_name, self.expected, self.min_sites = seed, run_name, expected, min_sites
-        self.proj_dim, self.max_update_norm = proj_dim, max_update_norm
-        self.compression = compression  # encoding of the weights sent to sites (config key 'compression')
-        self.reference: dict[str, np.ndarray] | None = None  # weights sent this round, for max_update_norm
+    def __init__(self, *, config: Config, run_name: str, size: int, proj_dim: int,
+                 on_row: Callable[[str, Row], None] | None = None,
+                 on_aggregated: Callable[[int, "SitesMixin"], None] | None = None, **flower: object) -> None:
+        need = config.min_sites_required
+        super().__init__(min_train_nodes=need, min_evaluate_nodes=need, min_available_nodes=need,  # type: ignore[call-arg]
+                         arrayrecord_key=R.WEIGHTS, configrecord_key=R.CONFIG, weighted_by_key=R.WEIGHT,
+                         train_metrics_aggr_fn=_mean_metrics, evaluate_metrics_aggr_fn=_mean_metrics, **flower)
+        self.config, self.run_name = config, run_name
+        self.size, self.proj_dim = size, proj_dim  # values in the flat shared weights; projection width
         self.bank = PrototypeBank.empty(proj_dim)
-        self.node_sites: dict[int, str] = {}
-        self.sent: list[Message] = []  # the messages of the last configure_* (the grid sets their ids on sending)
+        self.site_of_node: dict[int, int] = {node: site for site, node in config.pinned_nodes.items()}
+        self.dataset_sizes: dict[int, int] = {}  # site id -> num-examples of its first accepted training reply
+        self.sent_flat = np.zeros(0, np.float32)  # the weights last sent (float32): reference of max-update-norm
+        self.sent: list[Message] = []  # messages of the last configure_* (the grid sets their ids on sending)
         self.on_row = on_row or (lambda kind, row: None)
+        self.on_aggregated = on_aggregated or (lambda server_round, strategy: None)
 
     def lr_for(self, server_round: int) -> float:
-        return cosine_lr(self.lr, server_round - 1, self.num_rounds)
+        return cosine_lr(self.config.lr, server_round - 1, self.config.num_server_rounds)
 
-    def _messages(self, server_round: int, make: Callable[[], Iterable[Message]], config: ConfigRecord,
-                  extra: RecordDict | None = None) -> list[Message]:
-        random.seed(self.seed * 100_003 + server_round)  # Flower samples nodes with Python's random
-        config[R.RUN_NAME] = self.run_name
-        messages = list(make())
+    def restore(self, bank: PrototypeBank) -> None:
+        """Continue from a checkpoint's prototype bank (resume)."""
+        self.bank = bank
+
+    @property
+    def max_prototype_rows(self) -> int:
+        """Rows one site may send: ``prototypes-per-class`` per class."""
+        return NUM_CLASSES * self.config.prototypes_per_class
+
+    # -- messages ------------------------------------------------------------------------------------------------
+
+    def _finish_messages(self, messages: Iterable[Message], arrays: ArrayRecord, with_bank: bool) -> list[Message]:
+        """Encode the weights for transfer once (compression) and attach the prototype bank."""
+        messages = list(messages)
+        encoded = R.weights_record(self.sent_flat, self.config.compression)
+        bank = R.bank_to_record(self.bank) if with_bank and len(self.bank.vectors) else None
         for m in messages:
-            for key, rec in (extra or {}).items():
-                m.content[key] = rec
+            m.content[R.WEIGHTS] = encoded
+            if bank is not None:
+                m.content[R.PROTOTYPES] = bank
         self.sent = messages
         return messages
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
-        config[R.LR] = self.lr_for(server_round)
-        self.reference = {k: v.numpy() for k, v in arrays.items()} if self.max_update_norm > 0 else None
-        arrays = R.encode_record(arrays, self.compression)
-        extra = RecordDict()
-        if self.method == "fedbn-proto" and len(self.bank.vectors):
-            extra[R.PROTOTYPES] = R.bank_to_record(self.bank)
-        return self._messages(server_round, lambda: super(PrototypeFedAvg, self).configure_train(
-            server_round, arrays, config, grid), config, extra)
+        config[R.LR], config[R.RUN_NAME] = self.lr_for(server_round), self.run_name
+        # server optimizers may hand back float64: the sites receive float32 (and FedOpt keeps what it sent)
+        self.sent_flat = arrays[R.FLAT].numpy().astype(np.float32)
+        arrays = R.weights_record(self.sent_flat)
+        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self._finish_messages(messages, arrays, with_bank=self.config.spec.prototypes)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        arrays = R.encode_record(arrays, self.compression)
-        return self._messages(server_round, lambda: super(PrototypeFedAvg, self).configure_evaluate(
-            server_round, arrays, config, grid), config)
+        config[R.RUN_NAME] = self.run_name
+        self.sent_flat = arrays[R.FLAT].numpy().astype(np.float32)
+        messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        return self._finish_messages(messages, arrays, with_bank=False)
+
+    # -- replies -------------------------------------------------------------------------------------------------
 
     def _site_of(self, msg: Message) -> str:
-        """The site a reply comes from, for logs: known from earlier rounds, else as the reply claims. An error
-        the SuperLink returns on a node's behalf (node unavailable, message expired) names the node it was for."""
+        """The site a reply comes from, for logs: the node's pinned site, else as the reply claims. An error the
+        SuperLink returns on a node's behalf (node unavailable, message expired) names the node it was for."""
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent}
         node = sent_to.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-        name = self.node_sites.get(node)
-        if name is None and msg.has_content() and R.METRICS in msg.content:
+        site = self.site_of_node.get(node)
+        if site is None and msg.has_content() and isinstance(msg.content.get(R.METRICS), MetricRecord):
             claimed = msg.content[R.METRICS].get(R.SITE_ID)
-            if isinstance(claimed, int) and 0 <= claimed < len(self.site_names):
-                name = self.site_names[claimed]
-        return f"{name or 'unknown'} (node {node})"
+            if isinstance(claimed, int) and 0 <= claimed < len(self.config.sites):
+                site = claimed
+        return f"{self.config.sites[site] if site is not None else 'unknown'} (node {node})"
 
-    def _accepted(self, server_round: int, replies: Iterable[Message], train: bool) -> list[Message]:
-        """Replies that carry no error and pass validation, sorted by site id; the rest are logged by site."""
-        good: list[Message] = []
+    def _verdict(self, msg: Message, train: bool) -> tuple[str | None, dict]:
+        """(why the reply must be rejected or None, what was decoded: weights, prototypes)."""
+        if msg.has_error():
+            return f"failed: {remote_text(msg.error.reason)}", {}
+        content = msg.content
+        metrics = content.get(R.METRICS)
+        if not isinstance(metrics, MetricRecord):
+            return "no metrics record", {}
+        site_id = metrics.get(R.SITE_ID)
+        if not isinstance(site_id, int) or isinstance(site_id, bool) or not 0 <= site_id < len(self.config.sites):
+            return f"site-id {remote_text(site_id)} is not one of 0..{len(self.config.sites) - 1}", {}
+        node = msg.metadata.src_node_id
+        pinned = self.site_of_node.get(node)
+        if pinned is not None and pinned != site_id:
+            return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}", {}
+        if pinned is None and site_id in self.site_of_node.values():
+            return f"site-id {site_id} belongs to another node", {}
+        allowed = {R.METRICS, R.WEIGHTS} | ({R.PROTOTYPES} if self.config.spec.prototypes else set()) \
+            if train else {R.METRICS}
+        if unexpected := set(content.keys()) - allowed:
+            return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
+        if reason := check_metrics(metrics, R.TRAIN_REPLY_METRICS if train else R.EVALUATE_REPLY_METRICS,
+                                   {} if train else {R.ROC_TPR: ROC_POINTS}):
+            return reason, {}
+        if reason := check_num_examples(metrics[R.NUM_EXAMPLES]):
+            return reason, {}
+        if not train:
+            return None, {}
+        known = self.dataset_sizes.get(site_id)
+        if known is not None and known != metrics[R.NUM_EXAMPLES]:
+            return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
+        if R.WEIGHTS not in content:
+            return "no weights record", {}
+        try:
+            flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
+        except ValueError as e:
+            return str(e), {}
+        if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
+            return reason, {}
+        decoded: dict = {"weights": flat}
+        if self.config.spec.prototypes:
+            if R.PROTOTYPES not in content:
+                return "no prototypes record", {}
+            try:
+                bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, self.max_prototype_rows)
+            except ValueError as e:
+                return str(e), {}
+            if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
+                                          bank.counts.numpy(), dim=self.proj_dim, num_classes=NUM_CLASSES,
+                                          num_sites=len(self.config.sites), max_rows=self.max_prototype_rows,
+                                          min_count=self.config.min_prototype_images):
+                return reason, {}
+            if bank.sites.ne(site_id).any():
+                return f"prototype record must hold prototypes of site-id {site_id} only", {}
+            decoded["bank"] = bank
+        return None, decoded
+
+    def _accepted(self, server_round: int, replies: Iterable[Message], train: bool
+                  ) -> list[tuple[Message, dict]]:
+        """Replies that carry no error and pass every check, with what was decoded, sorted by site id; the rest
+        are logged by site. Any exception while judging a reply rejects that reply only."""
+        good: list[tuple[Message, dict]] = []
         replies = list(replies)
+        what = "training" if train else "evaluation"
         answered = {msg.metadata.reply_to_message_id for msg in replies}
         for m in self.sent:
             if m.metadata.message_id not in answered:
                 node = m.metadata.dst_node_id
+                site = self.site_of_node.get(node)
                 log.warning("round %d: site %s did not answer %s in time (config key round-timeout)", server_round,
-                            f"{self.node_sites.get(node, 'unknown')} (node {node})",
-                            "training" if train else "evaluation")
+                            f"{self.config.sites[site] if site is not None else 'unknown'} (node {node})", what)
         for msg in replies:
-            if msg.has_error():
-                log.warning("round %d: site %s failed: %s", server_round, self._site_of(msg), msg.error.reason)
+            try:
+                reason, decoded = self._verdict(msg, train)
+                site_id = None if reason else int(msg.content[R.METRICS][R.SITE_ID])
+                if site_id is not None and site_id in {int(g.content[R.METRICS][R.SITE_ID]) for g, _ in good}:
+                    reason = f"site-id {site_id} has already answered this round"
+            except Exception as e:  # noqa: BLE001 - whatever a reply holds, it can only get itself rejected
+                reason, site_id = f"malformed reply ({type(e).__name__})", None
+            if reason or site_id is None:
+                log.warning("round %d: rejected %s reply of site %s: %s", server_round, what, self._site_of(msg),
+                            reason)
                 continue
+            self.site_of_node[msg.metadata.src_node_id] = site_id
             if train:
-                self._decode(msg.content)
-            reason = self._problem(msg.content, train)
-            if not reason and msg.content[R.METRICS][R.SITE_ID] in {g.content[R.METRICS][R.SITE_ID] for g in good}:
-                reason = f"site-id {msg.content[R.METRICS][R.SITE_ID]} has already answered this round"
-            if reason:
-                log.warning("round %d: rejected reply of site %s: %s", server_round, self._site_of(msg), reason)
-                continue
-            site_id = int(msg.content[R.METRICS][R.SITE_ID])
-            self.node_sites[msg.metadata.src_node_id] = self.site_names[site_id]
-            good.append(msg)
-        good.sort(key=lambda m: int(m.content[R.METRICS][R.SITE_ID]))
-        if len(good) < self.min_sites:
-            raise NotEnoughSites(f"round {server_round}: only {len(good)} site(s) answered "
-                                 f"{'training' if train else 'evaluation'} soundly, at least {self.min_sites} "
-                                 "are required (config key min-sites)")
+                self.dataset_sizes.setdefault(site_id, int(msg.content[R.METRICS][R.NUM_EXAMPLES]))
+            good.append((msg, decoded))
+        good.sort(key=lambda g: int(g[0].content[R.METRICS][R.SITE_ID]))
+        if len(good) < self.config.min_sites_required:
+            raise NotEnoughSites(f"round {server_round}: only {len(good)} site(s) answered {what} soundly, at least "
+                                 f"{self.config.min_sites_required} are required (config key min-sites)")
         return good
 
-    @staticmethod
-    def _decode(content: RecordDict) -> None:
-        """Replace a reply's weights (float16 under compression=fp16) by float32, once, before the checks and the
-        averaging: FedAvg would otherwise accumulate the weighted sum in float16."""
-        if R.WEIGHTS in content and isinstance(content[R.WEIGHTS], ArrayRecord):
-            content[R.WEIGHTS] = R.decode_record(content[R.WEIGHTS])
-
-    def _problem(self, content: RecordDict, train: bool) -> str | None:
-        if R.METRICS not in content or not isinstance(content[R.METRICS], MetricRecord):
-            return "no metrics record"
-        metrics = content[R.METRICS]
-        site_id = metrics.get(R.SITE_ID)
-        if not isinstance(site_id, int) or not 0 <= site_id < len(self.site_names):
-            return f"site-id {site_id!r} is not one of 0..{len(self.site_names) - 1}"
-        allowed = {R.METRICS}
-        if train:
-            allowed |= {R.WEIGHTS, R.PROTOTYPES} if self.method == "fedbn-proto" else {R.WEIGHTS}
-        if unexpected := set(content.keys()) - allowed:
-            return f"unexpected records {sorted(unexpected)} (allowed: {sorted(allowed)})"
-        if reason := check_metrics(metrics, R.TRAIN_REPLY_METRICS if train else R.EVALUATE_REPLY_METRICS,
-                                   {} if train else {R.ROC_TPR: ROC_POINTS}):
-            return reason
-        if not train:
-            return check_num_examples(metrics[R.NUM_EXAMPLES])
-        if R.WEIGHTS not in content or not isinstance(content[R.WEIGHTS], ArrayRecord):
-            return "no weights record"
-        received = {k: v.numpy() for k, v in content[R.WEIGHTS].items()}
-        if reason := check_update(self.expected, received, metrics.get(R.NUM_EXAMPLES), self.max_update_norm,
-                                  self.reference):
-            return reason
-        if self.method == "fedbn-proto":
-            if R.PROTOTYPES not in content:
-                return "no prototypes record"
-            try:
-                bank = R.bank_from_record(content[R.PROTOTYPES])
-            except ValueError as e:
-                return str(e)
-            if reason := check_prototypes(bank.vectors.numpy(), bank.counts.numpy(), self.proj_dim):
-                return reason
-            if bank.labels.tolist() != list(range(len(bank.labels))) or bank.sites.ne(site_id).any():
-                return f"prototype record must hold classes 0..{len(bank.labels) - 1} of site-id {site_id}"
-        return None
+    def _weight(self, site_id: int) -> float:
+        """A site's weight in the average, computed by the server (config key fedavg-weights)."""
+        if self.config.fedavg_weights == "dataset":
+            return float(self.dataset_sizes[site_id])
+        return float(self.config.local_steps * self.config.batch_size)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = self._accepted(server_round, replies, train=True)
-        new_protos = {}
-        for msg in good:
-            if R.PROTOTYPES in msg.content:
-                bank = R.bank_from_record(msg.content.pop(R.PROTOTYPES))
-                new_protos[int(msg.content[R.METRICS][R.SITE_ID])] = (bank.vectors, bank.counts)
-            self.on_row("train", self._row(server_round, msg.content[R.METRICS]))
-        if new_protos:  # sites that did not answer keep their last prototypes
-            kept = {int(s): (self.bank.vectors[self.bank.sites == s], self.bank.counts[self.bank.sites == s])
-                    for s in self.bank.sites.unique().tolist()}
-            self.bank = PrototypeBank.from_sites({**kept, **new_protos})
-        self.weighted_by_key = self.train_weight_key
-        try:
-            return super().aggregate_train(server_round, good)
-        finally:
-            self.weighted_by_key = R.NUM_EXAMPLES
+        newer = [d["bank"] for _, d in good if "bank" in d]
+        for msg, decoded in good:
+            metrics = msg.content[R.METRICS]
+            self.on_row("train", self._row(server_round, metrics))
+            metrics[R.WEIGHT] = self._weight(int(metrics[R.SITE_ID]))
+            msg.content[R.WEIGHTS] = R.weights_record(decoded["weights"])  # float32, whatever the transfer
+            msg.content.pop(R.PROTOTYPES, None)
+        for bank in newer:  # sites that did not answer keep their last prototypes
+            self.bank = self.bank.merge(bank)
+        result = super().aggregate_train(server_round, [m for m, _ in good])  # type: ignore[misc]
+        self.on_aggregated(server_round, self)
+        return result
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         good = self._accepted(server_round, replies, train=False)
-        for msg in good:
+        for msg, _ in good:
             self.on_row("evaluate", self._row(server_round, msg.content[R.METRICS]))
-        return super().aggregate_evaluate(server_round, good)
+            msg.content[R.METRICS][R.WEIGHT] = 1.0  # the logged mean of the sites' metrics is unweighted
+        return super().aggregate_evaluate(server_round, [m for m, _ in good])  # type: ignore[misc]
 
     def _row(self, server_round: int, metrics: MetricRecord) -> Row:
         site_id = int(metrics[R.SITE_ID])
-        return {"round": server_round, "site": self.site_names[site_id], "site_id": site_id,
+        return {"round": server_round, "site": self.config.sites[site_id], "site_id": site_id,
                 **{k: v for k, v in metrics.items() if k != R.SITE_ID}}
+
+
+def build_strategy(config: Config, run_name: str, size: int, proj_dim: int,
+                   on_row: Callable[[str, Row], None] | None = None,
+                   on_aggregated: Callable[[int, SitesMixin], None] | None = None) -> SitesMixin:
+    """The strategy of ``config.method``: Flower's FedProx when the method has a proximal term, else the Flower
+    strategy of its server optimizer, with ``SitesMixin`` on top."""
+    spec = config.spec
+    base: type
+    extra: dict[str, object] = {}
+    if spec.proximal:
+        base, extra = FedProx, {"proximal_mu": config.proximal_mu}
+    elif spec.server_optimizer in ("fedadam", "fedyogi"):
+        base = FedAdam if spec.server_optimizer == "fedadam" else FedYogi
+        extra = {"eta": config.effective_server_lr, "eta_l": config.lr, "beta_1": config.server_momentum, "tau": config.server_tau}
+    elif spec.server_optimizer == "fedavgm":
+        base, extra = FedAvgM, {"server_learning_rate": config.effective_server_lr, "server_momentum": config.server_momentum}
+    else:
+        base = FedAvg
+    cls = type(f"Sites{base.__name__}", (SitesMixin, base), {})
+    return cls(config=config, run_name=run_name, size=size, proj_dim=proj_dim, on_row=on_row,
+               on_aggregated=on_aggregated, **extra)

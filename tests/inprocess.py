@@ -33,11 +33,10 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
 from fl_covid import records as R
-from fl_covid.federated import SiteRunner
 from fl_covid.model import bn_keys
+from fl_covid.observe import watching
 from fl_covid.prototypes import PrototypeBank
 from server import server_app
-from server.strategy import PrototypeFedAvg
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,12 +98,13 @@ class InProcessGrid(Grid):
     """
 
     def __init__(self, run_config: dict[str, Any], num_nodes: int, run_id: int = RUN_ID,
-                 tamper: Tamper | None = None) -> None:
+                 tamper: Tamper | None = None, node_config: dict[str, Any] | None = None) -> None:
         self._run = Run.create_empty(run_id)
         self.run_config = run_config
         self.contexts = {
             FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i,
-                                       node_config={"partition-id": i, "num-partitions": num_nodes},
+                                       node_config={"partition-id": i, "num-partitions": num_nodes,
+                                                    **(node_config or {})},
                                        state=RecordDict(), run_config=dict(run_config))
             for i in range(num_nodes)}
         self.tamper = tamper
@@ -113,6 +113,7 @@ class InProcessGrid(Grid):
         self.banks: dict[int, PrototypeBank] = {}  # server round -> the server's bank after aggregation
         self._pending: dict[str, Message] = {}
         self._loaded: dict[str, torch.Tensor] | None = None
+        self._replays = 0
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -169,12 +170,18 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
     def replay(self, delivery: Delivery, content: RecordDict | None = None) -> Message:
-        """Rerun a recorded delivery on a copy of the site's context before it, optionally with other content;
-        the site's files go to a ``<run name>-replay`` folder so the run's own state stays as it was."""
+        """Rerun a recorded delivery, optionally with other content, on a copy of the site's folder (state of the
+        earlier rounds) under a fresh ``<run name>-replay-<n>`` run name, so the run's own files stay as they were."""
         msg = wire(delivery.message)
         if content is not None:
             msg.content = content
-        msg.content[R.CONFIG][R.RUN_NAME] = f"{msg.content[R.CONFIG][R.RUN_NAME]}-replay"
+        name = str(msg.content[R.CONFIG][R.RUN_NAME])
+        self._replays += 1
+        replay_name = f"{name}-replay-{self._replays}"
+        root = Path(self.run_config["output-dir"])
+        for site_dir in (root / name).glob("site-*"):
+            shutil.copytree(site_dir, root / replay_name / site_dir.name)
+        msg.content[R.CONFIG][R.RUN_NAME] = replay_name
         return wire(client_app.app(msg, copy_context(delivery.context_before)))
 
     def delivery(self, partition: int, server_round: int, kind: str = "train") -> Delivery:
@@ -184,25 +191,19 @@ class InProcessGrid(Grid):
 
     @contextmanager
     def observing(self) -> Iterator[None]:
-        """Record the BN a site's model holds after ``SiteRunner._load`` and the server's bank after each
-        ``PrototypeFedAvg.aggregate_train``; both functions run unchanged."""
-        load, aggregate = SiteRunner._load, PrototypeFedAvg.aggregate_train
+        """Record the BN a site's model holds right after loading its weights and the server's bank after each
+        round's aggregation (fl_covid.observe: nothing of the product is patched)."""
 
-        def observed_load(runner: SiteRunner, *args: Any) -> None:
-            load(runner, *args)
-            keys = bn_keys(runner.model)
-            self._loaded = {k: v.detach().clone() for k, v in runner.model.state_dict().items() if k in keys}
+        def observe(event: str, payload: dict[str, Any]) -> None:
+            if event == "loaded":
+                model = payload["model"]
+                keys = bn_keys(model)
+                self._loaded = {k: v.detach().clone() for k, v in model.state_dict().items() if k in keys}
+            elif event == "aggregated":
+                self.banks[payload["round"]] = payload["bank"]
 
-        def observed_aggregate(strategy: PrototypeFedAvg, server_round: int, replies: Iterable[Message]) -> Any:
-            out = aggregate(strategy, server_round, replies)
-            self.banks[server_round] = strategy.bank
-            return out
-
-        SiteRunner._load, PrototypeFedAvg.aggregate_train = observed_load, observed_aggregate
-        try:
+        with watching(observe):
             yield
-        finally:
-            SiteRunner._load, PrototypeFedAvg.aggregate_train = load, aggregate
 
 
 def run_config(output_dir: Path, **values: Any) -> dict[str, Any]:
@@ -211,14 +212,15 @@ def run_config(output_dir: Path, **values: Any) -> dict[str, Any]:
     return {**defaults, **SMOKE, "output-dir": str(output_dir), **values}
 
 
-def run_federation(output_dir: Path, num_sites: int = 2, tamper: Tamper | None = None, **values: Any
-                   ) -> InProcessGrid:
+def run_federation(output_dir: Path, num_sites: int = 2, tamper: Tamper | None = None,
+                   node_config: dict[str, Any] | None = None, run_id: int = RUN_ID, **values: Any) -> InProcessGrid:
     """Run the real ServerApp on an in-process grid of ``num_sites`` ClientApps; returns the grid (with its
-    record of every message). ``values`` are run-config keys (``method``, ``num-server-rounds``, ...)."""
+    record of every message). ``values`` are run-config keys (``method``, ``num-server-rounds``, ...);
+    ``node_config`` is added to every site's node config (policy keys)."""
     config = run_config(output_dir, **values)
-    grid = InProcessGrid(config, num_sites, tamper=tamper)
-    with task_identity(RUN_ID), grid.observing():
-        server_app.app(grid, Context(run_id=RUN_ID, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
+    grid = InProcessGrid(config, num_sites, run_id=run_id, tamper=tamper, node_config=node_config)
+    with task_identity(run_id), grid.observing():
+        server_app.app(grid, Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(),
                                      run_config=config))
     return grid
 

@@ -1,37 +1,40 @@
-"""The server rejects unsound replies, logs them naming the site, and goes on with the others when enough sites
-remain (config key min-sites), else stops with NotEnoughSites. The bad replies are real replies of an in-process
-federation (tests/inprocess.py) with one thing corrupted."""
+"""The server rejects unsound replies, whatever they hold, logs them naming the site, and goes on with the others
+when enough sites remain (config key min-sites), else stops with NotEnoughSites. The bad replies are real replies
+of an in-process federation (tests/inprocess.py) with one thing corrupted; no corruption may crash the server."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord
 
 from fl_covid import records as R
 from fl_covid.config import Config, federated_config
 from fl_covid.federated import initial_shared
 from fl_covid.validation import MAX_EXAMPLES
-from server.strategy import NotEnoughSites, PrototypeFedAvg
+from server.strategy import NotEnoughSites, SitesMixin, build_strategy
 from tests.inprocess import run_federation, shared_run, wire
 
 SITE_B = "site_b_covidct"
 
 
-def strategy_for(config: Config, min_sites: int, max_update_norm: float = 0.0) -> PrototypeFedAvg:
-    """The server's strategy as server_app builds it for ``config``."""
-    initial = initial_shared(config)
-    return PrototypeFedAvg(
-        method=config.method, site_names=config.sites, lr=config.lr, num_rounds=config.num_server_rounds,
-        seed=config.seed, run_name="bad-updates", min_sites=min_sites, max_update_norm=max_update_norm,
-        expected={k: (tuple(v.shape), v.numpy().dtype) for k, v in initial.items()})
+def strategy_for(config: Config, **overrides: Any) -> SitesMixin:
+    """The server's strategy as server_app builds it for ``config`` with ``overrides``."""
+    config = config.replace(**overrides)
+    initial, proj_dim = initial_shared(config)
+    return build_strategy(config, "bad-updates", R.layout_size(R.layout_of(initial)), proj_dim)
 
 
-def first_float(arrays: ArrayRecord) -> str:
-    return next(k for k, v in arrays.items() if np.issubdtype(v.numpy().dtype, np.floating) and v.numpy().size > 1)
+def flat(m: Message) -> np.ndarray:
+    return m.content[R.WEIGHTS][R.FLAT].numpy().copy()
+
+
+def set_flat(m: Message, value: np.ndarray) -> None:
+    m.content[R.WEIGHTS] = ArrayRecord({R.FLAT: Array(np.ascontiguousarray(value))})
 
 
 def set_array(record: ArrayRecord, key: str, value: np.ndarray) -> None:
@@ -39,35 +42,52 @@ def set_array(record: ArrayRecord, key: str, value: np.ndarray) -> None:
 
 
 def nan_weight(m: Message) -> None:
-    k = first_float(m.content[R.WEIGHTS])
-    a = m.content[R.WEIGHTS][k].numpy().copy()
-    a.flat[0] = np.nan
-    set_array(m.content[R.WEIGHTS], k, a)
+    a = flat(m)
+    a[7] = np.nan
+    set_flat(m, a)
 
 
 def inf_weight(m: Message) -> None:
-    k = first_float(m.content[R.WEIGHTS])
-    a = m.content[R.WEIGHTS][k].numpy().copy()
-    a.flat[-1] = -np.inf
-    set_array(m.content[R.WEIGHTS], k, a)
+    a = flat(m)
+    a[-1] = -np.inf
+    set_flat(m, a)
 
 
-def missing_key(m: Message) -> None:
-    del m.content[R.WEIGHTS][first_float(m.content[R.WEIGHTS])]
-
-
-def extra_key(m: Message) -> None:  # e.g. a site that sends its BN statistics after all
+def extra_array(m: Message) -> None:  # e.g. a site that sends its BN statistics after all
     set_array(m.content[R.WEIGHTS], "features.0.bns.0.running_mean", np.zeros(8, np.float32))
 
 
-def wrong_shape(m: Message) -> None:
-    k = first_float(m.content[R.WEIGHTS])
-    set_array(m.content[R.WEIGHTS], k, m.content[R.WEIGHTS][k].numpy().reshape(-1)[:-1])
+def short_weights(m: Message) -> None:
+    set_flat(m, flat(m)[:-1])
 
 
-def wrong_dtype(m: Message) -> None:
-    k = first_float(m.content[R.WEIGHTS])
-    set_array(m.content[R.WEIGHTS], k, m.content[R.WEIGHTS][k].numpy().astype(np.float64))
+def float64_weights(m: Message) -> None:
+    set_flat(m, flat(m).astype(np.float64))
+
+
+def unknown_serialisation(m: Message) -> None:
+    a = m.content[R.WEIGHTS][R.FLAT]
+    m.content[R.WEIGHTS][R.FLAT] = Array(dtype=a.dtype, shape=a.shape, stype="pickle", data=a.data)
+
+
+def garbage_bytes(m: Message) -> None:
+    a = m.content[R.WEIGHTS][R.FLAT]
+    m.content[R.WEIGHTS][R.FLAT] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=b"\x93NUMPY" + bytes(len(a.data) - 6))
+
+
+def lying_metadata(m: Message) -> None:  # declares the expected float32 vector, holds an int8 one of the same bytes
+    a = m.content[R.WEIGHTS][R.FLAT]
+    fake = Array(np.zeros(len(a.data) - 128, np.int8))
+    m.content[R.WEIGHTS][R.FLAT] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=fake.data)
+
+
+def oversize_data(m: Message) -> None:
+    a = m.content[R.WEIGHTS][R.FLAT]
+    m.content[R.WEIGHTS][R.FLAT] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data + bytes(10 ** 6))
+
+
+def weights_as_config(m: Message) -> None:
+    m.content[R.WEIGHTS] = ConfigRecord({"weights": 1})
 
 
 def prototypes_wrong_dimension(m: Message) -> None:
@@ -82,6 +102,31 @@ def prototypes_nan(m: Message) -> None:
 
 def prototypes_not_unit(m: Message) -> None:
     set_array(m.content[R.PROTOTYPES], R.P_VECTORS, m.content[R.PROTOTYPES][R.P_VECTORS].numpy() * 50)
+
+
+def prototype_counts_as_strings(m: Message) -> None:
+    set_array(m.content[R.PROTOTYPES], R.P_COUNTS, np.array(["5", "6"]))
+
+
+def prototype_counts_negative(m: Message) -> None:
+    set_array(m.content[R.PROTOTYPES], R.P_COUNTS, np.array([-3, 5], np.int64))
+
+
+def prototype_label_out_of_range(m: Message) -> None:
+    set_array(m.content[R.PROTOTYPES], R.P_LABELS, np.array([0, 7], np.int64))
+
+
+def prototypes_too_many_rows(m: Message) -> None:
+    rows = 200_000
+    record = m.content[R.PROTOTYPES]
+    for key, value in ((R.P_VECTORS, np.tile(record[R.P_VECTORS].numpy()[:1], (rows, 1))),
+                       (R.P_LABELS, np.zeros(rows, np.int64)), (R.P_SITES, np.ones(rows, np.int64)),
+                       (R.P_COUNTS, np.full(rows, 5, np.int64))):
+        set_array(record, key, value)
+
+
+def prototypes_as_metrics(m: Message) -> None:
+    m.content[R.PROTOTYPES] = MetricRecord({"vectors": [0.5, 0.5]})
 
 
 def absurd_examples(m: Message) -> None:
@@ -121,18 +166,30 @@ def unknown_site(m: Message) -> None:
     m.content[R.METRICS][R.SITE_ID] = 7
 
 
+def site_id_as_list(m: Message) -> None:
+    m.content[R.METRICS][R.SITE_ID] = [1]
+
+
 CORRUPTIONS = {
     "NaN": (nan_weight, "NaN or Inf"), "Inf": (inf_weight, "NaN or Inf"),
-    "missing key": (missing_key, "wrong keys"), "extra key": (extra_key, "wrong keys"),
-    "shape": (wrong_shape, "has shape"), "dtype": (wrong_dtype, "has dtype"),
-    "prototype dimension": (prototypes_wrong_dimension, "prototypes have shape"),
+    "extra array": (extra_array, "one array"), "short weights": (short_weights, "has shape"),
+    "float64 weights": (float64_weights, "has dtype"), "unknown serialisation": (unknown_serialisation, "pickle"),
+    "garbage bytes": (garbage_bytes, "cannot be decoded"), "lying metadata": (lying_metadata, "decodes to"),
+    "oversize data": (oversize_data, "bytes"), "weights as a config record": (weights_as_config, "one array"),
+    "prototype dimension": (prototypes_wrong_dimension, "has shape"),
     "prototype NaN": (prototypes_nan, "NaN or Inf"), "prototype norm": (prototypes_not_unit, "unit vectors"),
+    "prototype counts as strings": (prototype_counts_as_strings, "has dtype"),
+    "negative prototype count": (prototype_counts_negative, "fewer than the minimum"),
+    "prototype label": (prototype_label_out_of_range, "labels must lie"),
+    "200,000 prototype rows": (prototypes_too_many_rows, "at most 2 expected"),
+    "prototypes as metrics": (prototypes_as_metrics, "must be an ArrayRecord"),
     "absurd num-examples": (absurd_examples, "num-examples"), "negative num-examples": (negative_examples,
                                                                                        "num-examples"),
     "fractional num-examples": (fractional_examples, "num-examples"), "NaN metric": (nan_metric, "finite"),
     "extra metric": (extra_metric, "metric keys"), "extra record": (extra_record, "unexpected records"),
-    "duplicate site": (claims_other_site, "already answered"), "unknown site": (unknown_site, "site-id 7"),
-    "prototypes of another site": (prototypes_of_other_site, "prototype record must hold"),
+    "duplicate site": (claims_other_site, "belongs to another node"), "unknown site": (unknown_site, "site-id '7'"),
+    "site id as a list": (site_id_as_list, "site-id '[1]'"),
+    "prototypes of another site": (prototypes_of_other_site, "prototypes of site-id 1 only"),
 }
 
 
@@ -146,19 +203,19 @@ def real_replies() -> tuple[Config, list[Message]]:
 def test_bad_reply_is_rejected_and_the_round_goes_on(case: str, caplog: pytest.LogCaptureFixture) -> None:
     corrupt, reason = CORRUPTIONS[case]
     config, replies = real_replies()
-    genuine = {k: v.numpy() for k, v in replies[0].content[R.WEIGHTS].items()}
+    genuine = flat(replies[0])
     corrupt(replies[1])
     strategy = strategy_for(config, min_sites=1)
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
         arrays, metrics = strategy.aggregate_train(1, replies)
-    rejected = [r.getMessage() for r in caplog.records if "rejected reply" in r.getMessage()]
+    rejected = [r.getMessage() for r in caplog.records if "rejected training reply" in r.getMessage()]
     assert len(rejected) == 1 and reason in rejected[0], rejected
     assert f"(node {replies[1].metadata.src_node_id})" in rejected[0]
-    if case not in ("duplicate site", "unknown site"):  # else the reply's own claim is all the server has
+    if case not in ("duplicate site", "unknown site", "site id as a list"):  # else the claim is all there is
         assert SITE_B in rejected[0]
     # only site A's update is averaged in, and only its prototypes enter the bank
-    assert arrays is not None and list(arrays.keys()) == list(genuine)
-    assert all(np.array_equal(arrays[k].numpy(), genuine[k]) for k in genuine)
+    assert arrays is not None and list(arrays.keys()) == [R.FLAT]
+    assert np.array_equal(arrays[R.FLAT].numpy(), genuine)
     assert strategy.bank.sites.tolist() == [0, 0]
 
 
@@ -170,29 +227,73 @@ def test_too_few_sound_replies_stop_the_run(case: str) -> None:
         strategy_for(config, min_sites=2).aggregate_train(1, replies)
 
 
-def test_sound_replies_pass() -> None:
+def test_sound_replies_are_averaged_with_the_weights_the_server_computes() -> None:
     config, replies = real_replies()
+    expected = (flat(replies[0]).astype(np.float64) + flat(replies[1])) / 2  # equal weights: same steps
     arrays, _ = strategy_for(config, min_sites=2).aggregate_train(1, replies)
-    assert arrays is not None
+    assert np.allclose(arrays[R.FLAT].numpy(), expected, atol=1e-6)
 
 
-def update_norm(reply: Message, sent: ArrayRecord) -> float:
-    """L2 norm of (reply - sent) over all float tensors, computed independently of the server's code."""
-    diffs = [reply.content[R.WEIGHTS][k].numpy().astype(np.float64) - sent[k].numpy()
-             for k in sent.keys() if np.issubdtype(sent[k].numpy().dtype, np.floating)]
-    return float(np.sqrt(sum(np.sum(d ** 2) for d in diffs)))
+def test_dataset_weights_are_pinned_at_the_first_reply(caplog: pytest.LogCaptureFixture) -> None:
+    config, replies = real_replies()
+    strategy = strategy_for(config, min_sites=1, fedavg_weights="dataset")
+    sizes = [int(r.content[R.METRICS][R.NUM_EXAMPLES]) for r in replies]
+    arrays, _ = strategy.aggregate_train(1, [wire(r) for r in replies])
+    expected = (sizes[0] * flat(replies[0]).astype(np.float64) + sizes[1] * flat(replies[1])) / sum(sizes)
+    assert np.allclose(arrays[R.FLAT].numpy(), expected, atol=1e-6)
+    inflated = wire(replies[1])
+    inflated.content[R.METRICS][R.NUM_EXAMPLES] = MAX_EXAMPLES  # a bid to decide the average alone
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy.aggregate_train(2, [wire(replies[0]), inflated])
+    assert any("num-examples changed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_node_is_pinned_to_its_site(caplog: pytest.LogCaptureFixture) -> None:
+    config, replies = real_replies()
+    strategy = strategy_for(config, min_sites=1)
+    strategy.aggregate_train(1, [wire(r) for r in replies])
+    swapped = [wire(replies[1]), wire(replies[0])]  # each node now claims the other's site
+    for m, other in zip(swapped, replies):
+        m.metadata.__dict__["_src_node_id"] = other.metadata.src_node_id
+    with caplog.at_level(logging.WARNING, logger="server.strategy"), pytest.raises(NotEnoughSites):
+        strategy.aggregate_train(2, swapped)
+    assert sum("but claims site-id" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_registered_nodes_are_pinned_before_the_first_round(caplog: pytest.LogCaptureFixture) -> None:
+    """site-nodes (from the operator's registration): a node claiming another site is rejected in round 1."""
+    config, replies = real_replies()
+    node_a, node_b = (r.metadata.src_node_id for r in replies)
+    impostor = wire(replies[1])
+    claims_other_site(impostor)  # site B's node claims site A, and answers first
+    strategy = strategy_for(config, min_sites=1, site_nodes=f"{config.sites[0]}={node_a},{config.sites[1]}={node_b}")
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy.aggregate_train(1, [impostor, wire(replies[0])])
+    assert any("but claims site-id 0" in r.getMessage() for r in caplog.records)
+    assert strategy.bank.sites.tolist() == [0, 0]  # the genuine site A was accepted
+
+
+def test_remote_error_text_is_quoted_and_truncated(caplog: pytest.LogCaptureFixture) -> None:
+    grid, _ = shared_run("fedbn-proto")
+    config, replies = real_replies()
+    forged = "x\nINFO flwr: FINAL fedbn-proto site_b_covidct: AUC 0.9990" + "y" * 5000
+    error = wire(Message(Error(code=0, reason=forged), reply_to=wire(grid.delivery(1, 1).message)))
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy_for(config, min_sites=1).aggregate_train(1, [wire(replies[0]), error])
+    lines = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and len(lines[0]) < 400 and "\\nINFO" in lines[0]
 
 
 def test_update_norm_bound(caplog: pytest.LogCaptureFixture) -> None:
     grid, _ = shared_run("fedbn-proto")
     config, replies = real_replies()
     sent = grid.delivery(0, 1).message.content[R.WEIGHTS]
-    norms = [update_norm(r, sent) for r in replies]
+    norms = [float(np.linalg.norm(flat(r).astype(np.float64) - sent[R.FLAT].numpy())) for r in replies]
     assert min(norms) > 0 and abs(norms[0] - norms[1]) > 1e-3 * max(norms)
 
     def accepted(bound: float) -> list[int]:
         strategy = strategy_for(config, min_sites=1, max_update_norm=bound)
-        strategy.reference = {k: v.numpy() for k, v in sent.items()}  # as configure_train sets it
+        strategy.sent_flat = sent[R.FLAT].numpy()  # as configure_train sets it
         strategy.aggregate_train(1, [wire(r) for r in replies])
         return sorted(set(strategy.bank.sites.tolist()))
 
@@ -216,12 +317,11 @@ def test_federation_continues_without_a_bad_site(tmp_path: Path, caplog: pytest.
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
         grid = run_federation(tmp_path, tamper=nan_from_site_b_in_round_1, method="fedbn-proto",
                               overrides="min-sites=1", **{"num-server-rounds": 1})
-    assert any("rejected reply of site site_b_covidct" in r.getMessage() and "NaN" in r.getMessage()
+    assert any("rejected training reply of site site_b_covidct" in r.getMessage() and "NaN" in r.getMessage()
                for r in caplog.records)
-    site_a = grid.delivery(0, 1).reply.content[R.WEIGHTS]
-    evaluated = grid.delivery(0, 1, "evaluate").message.content[R.WEIGHTS]
-    assert list(evaluated.keys()) == list(site_a.keys())
-    assert all(np.array_equal(evaluated[k].numpy(), site_a[k].numpy()) for k in site_a.keys())
+    site_a = grid.delivery(0, 1).reply.content[R.WEIGHTS][R.FLAT].numpy()
+    evaluated = grid.delivery(0, 1, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy()
+    assert np.array_equal(evaluated, site_a)
     assert grid.banks[1].sites.tolist() == [0, 0]
 
 

@@ -74,8 +74,8 @@ def test_tensor_digest_sees_names_dtypes_and_bits() -> None:
 
 def test_server_state_round_trip_and_resume_check(tmp_path: Path) -> None:
     config = load_config("configs/smoke.yaml").to_dict()
-    bank = PrototypeBank.from_sites({0: (torch.randn(2, 4), torch.tensor([3, 5])),
-                                     1: (torch.randn(2, 4), torch.tensor([0, 7]))})
+    bank = PrototypeBank.of_site(0, torch.randn(2, 4), torch.tensor([0, 1]), torch.tensor([3, 5])).merge(
+        PrototypeBank.of_site(1, torch.randn(1, 4), torch.tensor([1]), torch.tensor([7])))
     rows = [{"round": 1, "phase": "evaluate", "site": "a", "auc": 0.5, "roc-tpr": [0.0, 1.0]}]
     ServerState(1, group(1.5), bank, rows, config).save(tmp_path / "checkpoint")
     saved = ServerState.load(tmp_path / "checkpoint")

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from fl_covid import records as R
 from fl_covid.config import ConfigError, load_config
 from fl_covid.privacy import (
+    noise_generator,
     clip_rows,
     gaussian_sigma,
     noisy_class_sums,
@@ -58,12 +60,20 @@ def test_noise_scale_matches_the_formula() -> None:
 def test_private_prototypes_use_the_calibrated_noise() -> None:
     z, y = unit_projections()
     eps, delta, clip = 0.7, 1e-6, 0.5
-    vectors, counts = private_prototypes(z, y, eps, delta, clip, torch.Generator().manual_seed(3))
+    vectors, labels, counts = private_prototypes(z, y, eps, delta, torch.Generator().manual_seed(3), clip)
     sums, noisy_counts = noisy_class_sums(z, y, clip, gaussian_sigma(eps, delta, clip), gaussian_sigma(eps, delta, 1),
                                           torch.Generator().manual_seed(3))
-    assert torch.allclose(vectors, F.normalize(sums, dim=1).float())
-    assert counts.dtype == torch.int64 and torch.equal(counts, noisy_counts.round().clamp(min=0).long())
+    assert torch.allclose(vectors, F.normalize(sums, dim=1).float()) and labels.tolist() == [0, 1]
+    assert counts.dtype == torch.int64 and torch.equal(counts, noisy_counts.round().clamp(min=1).long())
     assert torch.allclose(vectors.norm(dim=1), torch.ones(2))
+    # a class with fewer images than min_count is withheld; the others' noisy counts never fall below it
+    vectors, labels, counts = private_prototypes(z, y, eps, delta, torch.Generator().manual_seed(3), clip,
+                                                 min_count=21)
+    assert len(vectors) == 0 and len(labels) == 0 and len(counts) == 0
+    few = torch.cat([y[y == 0], y[y == 1][:5]]), torch.cat([z[y == 0], z[y == 1][:5]])
+    vectors, labels, counts = private_prototypes(few[1], few[0], eps, delta, torch.Generator().manual_seed(3), clip,
+                                                 min_count=10)
+    assert labels.tolist() == [0] and int(counts[0]) >= 10
 
 
 def test_each_image_contributes_at_most_clip() -> None:
@@ -110,9 +120,8 @@ def test_epsilon_zero_means_no_noise() -> None:
     d = grid.delivery(1, 2)
     again = grid.replay(d)
     for key in (R.P_VECTORS, R.P_COUNTS):
-        assert torch.equal(R.from_record(again.content[R.PROTOTYPES])[key],
-                           R.from_record(d.reply.content[R.PROTOTYPES])[key])
-    assert int(R.from_record(d.reply.content[R.PROTOTYPES])[R.P_COUNTS].sum()) == d.reply.content[R.METRICS][
+        assert np.array_equal(again.content[R.PROTOTYPES][key].numpy(), d.reply.content[R.PROTOTYPES][key].numpy())
+    assert int(d.reply.content[R.PROTOTYPES][R.P_COUNTS].numpy().sum()) == d.reply.content[R.METRICS][
         R.NUM_EXAMPLES]
     assert not (run_dir(output) / "privacy.json").exists()
 
@@ -124,10 +133,18 @@ def test_federated_round_with_dp(tmp_path: Path) -> None:
     assert report == json.loads(json.dumps(privacy_report(0.5, 1e-5, 1.0, rounds=1)))
     assert grid.banks[1].sites.tolist() == [0, 0, 1, 1]  # the server accepted both sites' noisy prototypes
     d = grid.delivery(0, 1)
+    secret = tmp_path / ".noise-secret-site_a_sarscov2"
+    assert secret.is_file() and len(secret.read_bytes()) == 32 and secret.stat().st_mode & 0o077 == 0
+    vectors = {m: torch.from_numpy(m.content[R.PROTOTYPES][R.P_VECTORS].numpy()) for m in (d.reply,)}
+    # the noise is a function of the site's secret, the run and the round, not of the seed the server knows:
+    # another run name (a replay) draws other noise from the same training (weights bit for bit) ...
     again = grid.replay(d)
-    # same training (weights bit for bit), fresh noise: the seed the server knows does not reveal the noise
-    assert all(torch.equal(a, b) for a, b in zip(R.from_record(again.content[R.WEIGHTS]).values(),
-                                                  R.from_record(d.reply.content[R.WEIGHTS]).values()))
-    first, second = (R.from_record(m.content[R.PROTOTYPES])[R.P_VECTORS] for m in (d.reply, again))
-    assert not torch.equal(first, second)
-    assert torch.allclose(first.norm(dim=1), torch.ones(2))
+    assert np.array_equal(again.content[R.WEIGHTS][R.FLAT].numpy(), d.reply.content[R.WEIGHTS][R.FLAT].numpy())
+    first = vectors[d.reply]
+    second = torch.from_numpy(again.content[R.PROTOTYPES][R.P_VECTORS].numpy())
+    assert not torch.equal(first, second) and torch.allclose(first.norm(dim=1), torch.ones(2))
+    # ... and another secret other noise again, while the same secret, run and round repeat it exactly
+    assert torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)),
+                       torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)))
+    assert not torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)),
+                           torch.randn(5, generator=noise_generator(b"t" * 32, "r", 1)))

@@ -51,20 +51,21 @@ def trains(grid: InProcessGrid) -> list[Delivery]:
 def test_bn_leaves_a_site_only_under_fedavg(method: str) -> None:
     grid, _ = shared_run(method)
     model = smoke_model()
-    bn, expected = bn_keys(model), shared_keys(model, method)
+    state = model.state_dict()
+    bn = bn_keys(model)
+    floats = {k for k, v in state.items() if v.is_floating_point()}
+    expected = shared_keys(model, load_config("configs/smoke.yaml").replace(method=method))
+    assert set(expected) == (floats if method == "fedavg" else floats - bn)
+    size = sum(state[k].numel() for k in expected)
     assert len(bn) > 20 and len(trains(grid)) == 4  # 2 sites x 2 rounds
     for d in trains(grid):
-        keys = list(d.reply.content[R.WEIGHTS].keys())
-        assert keys == expected
-        if method == "fedavg":
-            assert bn <= set(keys)
-        else:
-            assert not bn & set(keys), f"BN tensors left site {d.partition}: {sorted(bn & set(keys))[:3]}"
+        assert list(d.reply.content[R.WEIGHTS].keys()) == [R.FLAT]
+        assert d.reply.content[R.WEIGHTS][R.FLAT].numpy().shape == (size,)
     for d in grid.deliveries:
         if d.kind == "evaluate":
             assert list(d.reply.content.keys()) == [R.METRICS]
     for msg in grid.sent:  # and the server sends exactly the shared subset
-        assert list(msg.content[R.WEIGHTS].keys()) == expected
+        assert msg.content[R.WEIGHTS][R.FLAT].numpy().shape == (size,)
 
 
 @pytest.mark.parametrize("method", ("fedbn", "fedbn-proto"))
@@ -77,24 +78,28 @@ def test_fedbn_site_restores_its_own_bn_in_round_2(method: str) -> None:
     for p in (0, 1):
         first, second = grid.delivery(p, 1), grid.delivery(p, 2)
         assert same(first.loaded_bn, fresh)  # no state yet: a freshly built BN
-        stored[p] = R.from_record(second.context_before.state[R.STATE_BN])  # saved by the round-1 training
+        folder = run_dir(output) / f"site-{SITES[p]}"
+        saved_1 = LocalState.load(folder / "state", max_round=1)  # what the round-1 training saved
+        assert saved_1 is not None and saved_1.round == 1
+        stored[p] = saved_1.bn
         assert stored[p].keys() == bn and not same(stored[p], fresh)
         assert same(grid.delivery(p, 1, "evaluate").loaded_bn, stored[p])
         assert same(second.loaded_bn, stored[p]), "round 2 did not start from the BN the site stored"
-        node = second.node_id
-        on_disk = LocalState.load(run_dir(output) / f"site-{SITES[p]}")
-        assert on_disk is not None and on_disk.round == 2
-        assert same(on_disk.bn, R.from_record(grid.contexts[node].state[R.STATE_BN]))
+        saved_2 = LocalState.load(folder / "state")
+        assert saved_2 is not None and saved_2.round == 2 and same(grid.delivery(p, 2, "evaluate").loaded_bn, saved_2.bn)
     assert not same(stored[0], stored[1])  # each site keeps its own statistics
 
 
 def test_fedavg_sites_use_the_global_bn() -> None:
     grid, _ = shared_run("fedavg")
-    bn = bn_keys(smoke_model())
-    loaded = [grid.delivery(p, 2).loaded_bn for p in (0, 1)]
-    received = R.from_record(grid.delivery(0, 2).message.content[R.WEIGHTS])
-    # FedAvg's average turns BN's int64 num_batches_tracked into float64; the model casts it back on loading
-    assert same(loaded[0], {k: received[k].to(loaded[0][k].dtype) for k in bn}) and same(loaded[0], loaded[1])
+    model = smoke_model()
+    config = load_config("configs/smoke.yaml").replace(method="fedavg")
+    layout = R.layout_of({k: v for k, v in model.state_dict().items() if k in shared_keys(model, config)})
+    received = R.unflatten(grid.delivery(0, 2).message.content[R.WEIGHTS][R.FLAT].numpy(), layout)
+    travelled = bn_keys(model) & set(received)  # BN parameters and statistics; the step counters stay home
+    assert travelled and all(not k.endswith("num_batches_tracked") for k in travelled)
+    loaded = [{k: v for k, v in grid.delivery(p, 2).loaded_bn.items() if k in travelled} for p in (0, 1)]
+    assert same(loaded[0], {k: received[k] for k in travelled}) and same(loaded[0], loaded[1])
 
 
 def test_prototypes_round_trip_bitwise() -> None:
@@ -120,7 +125,7 @@ def test_prototypes_round_trip_bitwise() -> None:
 def with_bank_rows_negated(delivery: Delivery, site: int) -> RecordDict:
     """The delivery's message content with the prototypes of ``site`` in its bank negated (still unit rows)."""
     content = wire(delivery.message).content
-    bank = R.from_record(content[R.PROTOTYPES])
+    bank = {k: torch.from_numpy(v.numpy().copy()) for k, v in content[R.PROTOTYPES].items()}
     bank[R.P_VECTORS][bank[R.P_SITES] == site] *= -1
     content[R.PROTOTYPES] = R.to_record(bank)
     return content
@@ -180,7 +185,7 @@ def test_three_sites(tmp_path: Path) -> None:
     for m in final["sites"].values():
         assert m["n"] > 0 and all(0.0 <= m[k] <= 1.0 for k in METRIC_NAMES)
     for p in range(3):
-        bank = R.bank_from_record(grid.delivery(p, 2).message.content[R.PROTOTYPES])
+        bank = R.read_bank(grid.delivery(p, 2).message.content[R.PROTOTYPES], 128, 12)
         assert sorted(set(bank.sites.tolist())) == [0, 1, 2]
         _, labels = bank.candidates_for(p)
         assert len(labels) == 4  # two classes of each of the two other sites

@@ -20,6 +20,11 @@ def test_flwr_run_smoke_writes_results(tmp_path):
             "num-supernodes=2 client-resources-num-cpus=1",
         )
         assert flower.status(run_id) == "finished:completed", output[-3000:]
+        # a centralized method is not a federated run: refused naming the key, nothing written
+        joint_id, joint_output = flower.run(f"method='joint' num-server-rounds=1 output-dir='{out}'",
+                                            "num-supernodes=2 client-resources-num-cpus=1")
+        assert flower.status(joint_id) == "finished:failed"
+        assert "config key 'method' is 'joint'" in joint_output, joint_output[-3000:]
     assert not pids_mentioning(str(home)), "the local SuperLink is still running"
     run_dir = out / f"fedbn-proto-run{run_id}"
     final = json.loads((run_dir / "final_metrics.json").read_text())
@@ -33,4 +38,5 @@ def test_flwr_run_smoke_writes_results(tmp_path):
         (p, s) for p in ("train", "evaluate") for s in ("site_a_sarscov2", "site_b_covidct")}
     assert (run_dir / "roc.png").stat().st_size > 0 and (run_dir / "metrics.csv").is_file()
     assert (run_dir / "checkpoint" / "shared.npz").is_file()
-    assert (run_dir / "site-site_a_sarscov2" / "bn.npz").is_file()
+    assert not list(out.glob("joint-run*/final_metrics.json"))
+    assert (run_dir / "site-site_a_sarscov2" / "state" / "bn.npz").is_file()
