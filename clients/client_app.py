@@ -18,13 +18,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_covid import records as R
-from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_STATE, prune_site_states, site_folder
+from fl_covid.checkpoint import PREDICTIONS_CSV, RECEIVED, SITE_MODEL, SITE_STATE, prune_site_states, site_folder
 from fl_covid.config import Config, NodeConfig, federated_config, parse_node_config
 from fl_covid.data import Site, Split, load_configured_site
 from fl_covid.engine import select_device
-from fl_covid.federated import LocalState, SiteRunner
+from fl_covid.federated import LocalState, Received, SiteRunner
 from fl_covid.privacy import noise_generator, site_secret
-from fl_covid.reporting import write_csv
+from fl_covid.prototypes import PrototypeBank
+from fl_covid.reporting import write_predictions
+from fl_covid.site_model import model_card, save_site_model
 from fl_covid.validation import check_instruction, check_prototypes
 
 app = ClientApp()
@@ -73,8 +75,9 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
     instruction = msg.content.get(R.CONFIG)
     if not isinstance(instruction, ConfigRecord):
         raise ValueError("the message has no config record")
+    train = msg.metadata.message_type == "train"
     if reason := check_instruction(instruction.get(R.ROUND), instruction.get(R.LR), instruction.get(R.RUN_NAME),
-                                   config.num_server_rounds, msg.metadata.message_type == "train"):
+                                   config.num_server_rounds + (0 if train else 1), train):
         raise ValueError(reason)
     index = node.site_index(config)
     root = node.state_root(config).resolve()
@@ -96,45 +99,72 @@ def _received_weights(msg: Message, config: Config, runner: SiteRunner) -> dict[
     return R.unflatten(flat, runner.layout)
 
 
+def _received_bank(msg: Message, config: Config, runner: SiteRunner) -> PrototypeBank | None:
+    """The prototype bank the server sent, checked (size, dimension, labels, sites, counts, unit rows)."""
+    if R.PROTOTYPES not in msg.content:
+        return None
+    rows = len(config.sites) * 2 * config.prototypes_per_class
+    bank = R.read_bank(msg.content[R.PROTOTYPES], runner.model.proj_dim, rows)
+    if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(), bank.counts.numpy(),
+                                  dim=runner.model.proj_dim, num_classes=2, num_sites=len(config.sites),
+                                  max_rows=rows, min_count=config.min_prototype_images):
+        raise ValueError(f"prototype bank from the server: {reason}")
+    return bank
+
+
+@app.evaluate()
+@guarded
+def summarise(msg: Message, context: Context) -> Message:
+    """Start of a round: the received weights evaluated (when asked), summarised in prototypes, kept for training."""
+    config, node, runner, folder, server_round = _setup(context, msg)
+    instruction = msg.content[R.CONFIG]
+    evaluate_now, final = bool(instruction.get(R.EVALUATE)), bool(instruction.get(R.FINAL))
+    flat = R.read_weights(msg.content.get(R.WEIGHTS), R.layout_size(runner.layout), config.compression)
+    if not np.isfinite(flat).all():
+        raise ValueError("the shared weights from the server contain NaN or Inf")
+    noise = noise_generator(site_secret(node.state_root(config) / f".noise-secret-{runner.site.name}"),
+                            folder.parent.name, server_round) if config.dp_epsilon > 0 and not final else None
+    summary = runner.summarise(R.unflatten(flat, runner.layout), LocalState.load(folder / SITE_STATE, server_round - 1),
+                               server_round, evaluate_now, noise)
+    if not final:  # the train message of this round names these weights by their digest
+        Received(flat, summary.bn, server_round).save(folder / RECEIVED)
+    reply: dict = {R.NUM_EXAMPLES: len(runner.split.test), R.SITE_ID: runner.site_id}
+    if final:  # the site keeps its complete final model: the global weights with its own BN
+        save_site_model(folder / SITE_MODEL, runner.model.state_dict(), model_card(
+            config, runner.site, runner.split.train, run=folder.parent.name, method=config.method,
+            rounds=config.num_server_rounds, validation={k[4:]: v for k, v in (summary.metrics or {}).items()
+                                                         if k.startswith("val_")}))
+    if summary.metrics is not None:
+        write_predictions(folder / PREDICTIONS_CSV, runner.site, runner.split.test, summary.probs)
+        reply.update({k: v for k, v in summary.metrics.items() if k != "n"})
+        reply[R.ROC_TPR] = summary.roc_tpr
+    content = RecordDict({R.METRICS: MetricRecord(reply)})
+    if summary.prototypes is not None and not final:
+        content[R.PROTOTYPES] = R.bank_to_record(summary.prototypes)
+    return Message(content=content, reply_to=msg)
+
+
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
     config, node, runner, folder, server_round = _setup(context, msg)
-    shared = _received_weights(msg, config, runner)
-    bank = None
-    if R.PROTOTYPES in msg.content:
-        rows = len(config.sites) * 2 * config.prototypes_per_class
-        bank = R.read_bank(msg.content[R.PROTOTYPES], runner.model.proj_dim, rows)
-        if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
-                                      bank.counts.numpy(), dim=runner.model.proj_dim, num_classes=2,
-                                      num_sites=len(config.sites), max_rows=rows,
-                                      min_count=config.min_prototype_images):
-            raise ValueError(f"prototype bank from the server: {reason}")
+    instruction = msg.content[R.CONFIG]
+    bn = None
+    if R.WEIGHTS in msg.content:
+        shared = _received_weights(msg, config, runner)
+    else:  # the weights of this round's summary message, named by their digest
+        received = Received.load(folder / RECEIVED)
+        if received is None or received.round != server_round or \
+                R.weights_digest(received.flat) != instruction.get(R.DIGEST):
+            raise ValueError(f"no weights of round {server_round} with the digest the server names")
+        shared, bn = R.unflatten(received.flat, runner.layout), received.bn
     start = LocalState.load(folder / SITE_STATE, server_round - 1)
-    noise = noise_generator(site_secret(node.state_root(config) / f".noise-secret-{runner.site.name}"),
-                            folder.parent.name, server_round) if config.dp_epsilon > 0 else None
-    shared, prototypes, stats, local = runner.train(shared, start, float(msg.content[R.CONFIG][R.LR]), server_round,
-                                                    bank, noise)
+    shared, stats, local = runner.train(shared, bn, start, float(instruction[R.LR]), server_round,
+                                        _received_bank(msg, config, runner))
     local.save(folder / SITE_STATE, started_from=(start or LocalState()).provenance())
     prune_site_states(node.state_root(config), runner.site.name, node.policy.keep_runs)
     content = RecordDict({
         R.WEIGHTS: R.weights_record(R.flatten(shared, runner.layout), config.compression),
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(runner.split.train), R.SITE_ID: runner.site_id, **stats}),
     })
-    if prototypes is not None:
-        content[R.PROTOTYPES] = R.bank_to_record(prototypes)
     return Message(content=content, reply_to=msg)
-
-
-@app.evaluate()
-@guarded
-def evaluate(msg: Message, context: Context) -> Message:
-    config, _, runner, folder, server_round = _setup(context, msg)
-    shared = _received_weights(msg, config, runner)
-    metrics, roc_tpr, probs = runner.evaluate(shared, LocalState.load(folder / SITE_STATE, server_round))
-    test = runner.split.test.tolist()
-    write_csv(folder / PREDICTIONS_CSV,  # per-image results stay on the site
-              [{"path": runner.site.paths[i], "label": int(runner.site.labels[i]), "prob_covid": float(p)}
-               for i, p in zip(test, probs)])
-    reply = {R.NUM_EXAMPLES: metrics.pop("n"), R.SITE_ID: runner.site_id, **metrics, R.ROC_TPR: roc_tpr}
-    return Message(content=RecordDict({R.METRICS: MetricRecord(reply)}), reply_to=msg)

@@ -22,9 +22,10 @@ from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_s
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
 from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
-from fl_covid.model import create_model
-from fl_covid.reporting import RunWriter, new_run_dir, write_csv
-from fl_covid.trained import save_central_model
+from fl_covid.model import create_model, one_site_state
+from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
+from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, site_folder
+from fl_covid.site_model import model_card, save_site_model
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +69,20 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
             writer.log({"epoch": epoch, "site": site.name, "site_id": k, **stats,
                         **{f"val_{m}": v for m, v in val.items()}, "auc": val["auc"]})
         bar.set_postfix(loss=f"{stats['loss']:.3f}")
-    save_central_model(writer.dir, model, [sites[k][0].name for k in members], per_site_bn,
-                       own_model=len(members) < len(sites), meta={"method": method, "epoch": config.epochs})
     results = {}
     for j, k in enumerate(members):
         site, split = sites[k]
-        metrics, probs = evaluate(model, site.images[split.test], site.labels[split.test],
-                                  j if per_site_bn else 0, config.image_size, device)
+        bn_index = j if per_site_bn else 0
+        val, _ = evaluate(model, site.images[split.val], site.labels[split.val], bn_index, config.image_size, device)
+        folder = site_folder(writer.dir.parent, writer.dir.name, site.name)
+        save_site_model(folder / SITE_MODEL, one_site_state(model, bn_index), model_card(
+            config, site, split.train, run=writer.dir.name, method=method, rounds=config.epochs,
+            validation={k: v for k, v in val.items() if k != "n"}))
+        metrics, probs = evaluate(model, site.images[split.test], site.labels[split.test], bn_index,
+                                  config.image_size, device)
         labels = site.labels[split.test].numpy()
-        write_csv(writer.dir / f"predictions_{site.name}.csv",
-                  [{"path": site.paths[i], "label": int(y), "prob_covid": float(p)}
-                   for i, y, p in zip(split.test.tolist(), labels, probs)])
+        write_predictions(folder / PREDICTIONS_CSV, site, split.test, probs)
+        metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
         results[site.name] = {"metrics": metrics, "roc": roc_on_grid(labels, probs)}
     return results
 

@@ -27,6 +27,7 @@ RESUMABLE_KEYS = frozenset({"output-dir", "data-root", "min-sites", "round-timeo
 SAMPLING = "every connected node is sent every round (no sampling); the server draws no random numbers"
 # A site's folder for one run, under its state root: <root>/<run name>/site-<name>/{state,state.previous,model}
 SITE_STATE = "state"
+RECEIVED = "received"  # the weights of the current round's summary message and the BN to train them with
 SITE_MODEL = "model"
 PREDICTIONS_CSV = "predictions.csv"
 
@@ -43,9 +44,11 @@ def prune_site_states(root: Path, site: str, keep: int) -> list[Path]:
                     reverse=True)
     deleted = []
     for file in states[keep:]:
-        for folder in (file.parent, file.parent.with_name(SITE_STATE + ".previous")):
-            shutil.rmtree(folder, ignore_errors=True)
-            deleted.append(folder)
+        for name in (SITE_STATE, RECEIVED):
+            for folder in (file.parent.with_name(name), file.parent.with_name(name + ".previous")):
+                if folder.exists():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    deleted.append(folder)
     return deleted
 
 

@@ -80,6 +80,17 @@ class Config:
     min_prototype_images: int = 10
     # prototypes per class and site: 1 = the class mean, k > 1 = means of k k-means clusters (sub-prototypes)
     prototypes_per_class: int = 1
+    # each other site's prototype counts this many times among an anchor's contrastive pairs
+    prototype_weight: float = 1.0
+    # training images a site passes through the received model at the start of a round (0 = all): BN
+    # re-estimation and prototypes
+    summary_images: int = 256
+    # re-estimate a site's BN running statistics under the received weights before evaluating / training
+    bn_recalibration: bool = True
+    # evaluate every k rounds (the last round always)
+    eval_every: int = 1
+    # Adam's moments across rounds: "keep" (restored from the site's state) or "reset" every round
+    optimizer_state: str = "keep"
     # FedProx's proximal term weight (methods with a proximal term)
     proximal_mu: float = 0.01
     # server optimizer (fedadam, fedyogi: eta; fedavgm: server learning rate); 0 = the optimizer's usual value
@@ -130,6 +141,10 @@ class Config:
         need(self.fedavg_weights in FEDAVG_WEIGHTS, "fedavg-weights", f"must be one of {FEDAVG_WEIGHTS}")
         need(self.min_prototype_images >= 1, "min-prototype-images", "must be >= 1")
         need(1 <= self.prototypes_per_class <= 16, "prototypes-per-class", "must be in [1, 16]")
+        need(self.prototype_weight > 0, "prototype-weight", "must be > 0")
+        need(self.summary_images >= 0, "summary-images", "must be >= 0 (0 = every training image)")
+        need(self.eval_every >= 1, "eval-every", "must be >= 1")
+        need(self.optimizer_state in ("keep", "reset"), "optimizer-state", "must be 'keep' or 'reset'")
         need(self.prototypes_per_class == 1 or self.dp_epsilon == 0, "prototypes-per-class",
              "must be 1 with dp-epsilon > 0 (the DP guarantee covers class means, not clusters)")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
@@ -373,8 +388,9 @@ class SitePolicy:
 
     ``approved-apps``: SHA-256 digests of the app bundles (FABs) the site runs (checked by ``fl-covid-clientapp``
     before any code of a run is loaded; empty = none, and the SuperNode script refuses to start).
-    ``require-dp`` with ``max-dp-epsilon`` (per round; 0 = no bound) and ``dp-budget`` (total epsilon over all runs
-    of this site; 0 = no bound): prototypes leave the site only with differential privacy within these bounds.
+    ``require-dp`` with ``max-dp-epsilon`` (the config's dp-epsilon, per release; 0 = no bound), ``max-dp-delta``
+    (0 = no bound) and ``dp-budget`` (total epsilon over all runs of this site; 0 = no bound): prototypes leave
+    the site only with differential privacy within these bounds.
     ``max-*``: resource caps. ``min-prototype-images``: the smallest ``min-prototype-images`` a run may use.
     ``keep-runs``: training state of older runs than the newest ``keep-runs`` is deleted (final models are kept).
     The defaults constrain little (a simulation has no hospital behind it); deploy/site-policy.example.yaml is a
@@ -385,6 +401,7 @@ class SitePolicy:
     allowed_methods: tuple[str, ...] = FEDERATED_METHODS
     require_dp: bool = False
     max_dp_epsilon: float = 0.0
+    max_dp_delta: float = 0.0
     dp_budget: float = 0.0
     max_rounds: int = 1000
     max_local_steps: int = 5000
@@ -402,7 +419,7 @@ class SitePolicy:
         if unknown := set(self.allowed_methods) - set(FEDERATED_METHODS):
             raise ConfigError(f"site policy key 'allowed-methods': {sorted(unknown)} are not federated methods "
                               f"{FEDERATED_METHODS}")
-        for key in ("max_dp_epsilon", "dp_budget"):
+        for key in ("max_dp_epsilon", "max_dp_delta", "dp_budget"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"site policy key '{key.replace('_', '-')}' must be >= 0")
         for key in ("max_rounds", "max_local_steps", "max_batch_size", "max_image_size", "max_threads",
@@ -419,11 +436,13 @@ class SitePolicy:
             out.append("prototypes must be released with differential privacy (require-dp) but dp-epsilon is 0")
         if self.max_dp_epsilon and c.spec.prototypes and c.dp_epsilon > self.max_dp_epsilon:
             out.append(f"dp-epsilon {c.dp_epsilon} per round exceeds max-dp-epsilon {self.max_dp_epsilon}")
+        if self.max_dp_delta and c.spec.prototypes and c.dp_epsilon > 0 and c.dp_delta > self.max_dp_delta:
+            out.append(f"dp-delta {c.dp_delta} exceeds max-dp-delta {self.max_dp_delta}")
         for key, value, cap in (("num-server-rounds", c.num_server_rounds, self.max_rounds),
                                 ("local-steps", c.local_steps, self.max_local_steps),
                                 ("batch-size", c.batch_size, self.max_batch_size),
                                 ("width", c.width, self.max_width), ("image-size", c.image_size, self.max_image_size),
-                                ("num-threads", c.num_threads, self.max_threads)):
+                                ("num-threads", c.num_threads or os.cpu_count() or 1, self.max_threads)):
             if value > cap:
                 out.append(f"{key} {value} exceeds the site's cap {cap}")
         if c.min_prototype_images < self.min_prototype_images:

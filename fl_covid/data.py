@@ -33,6 +33,26 @@ STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 MIN_SIDE = 16
 
 
+# The licences of the two public datasets (data/README.md); another site's data is its owner's to state, in a
+# LICENSE or LICENCE file beside its images.
+DATASET_LICENCES = {
+    "site_a_sarscov2": "CC BY-NC-SA 4.0 (SARS-CoV-2 CT-scan dataset, Soares et al. 2020): non-commercial, "
+                       "share-alike",
+    "site_b_covidct": "no open licence (COVID-CT, Zhao et al. 2020): copyright of the source papers' authors and "
+                      "publishers; research use only, not to be redistributed",
+}
+
+
+def data_licence(site: str, root: Path | None = None) -> str:
+    """The licence of a site's images: the first line of a LICENSE / LICENCE file in its folder, else the known
+    public dataset's, else a note that the data owner has to state it."""
+    for name in ("LICENSE", "LICENCE", "LICENSE.txt", "LICENCE.txt"):
+        if root is not None and (file := Path(root) / name).is_file():
+            lines = file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            return lines[0][:300] if lines else "an empty licence file"
+    return DATASET_LICENCES.get(site, "not stated: ask the owner of this site's data")
+
+
 class DataError(ValueError):
     """A problem with a site's files; the message names the file or folder and what to do."""
 

@@ -86,6 +86,8 @@ def train_steps(
     temperature: float = 0.05,
     candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad_clip: float = 5.0,
+    candidate_weight: float = 1.0,
+    proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
@@ -94,7 +96,9 @@ def train_steps(
     """Run ``steps`` optimisation steps; returns mean loss, ce, con and train accuracy over them.
 
     ``alpha`` > 0 adds NT-Xent over the projections of the whole step (all chunks) plus ``candidates``
-    ((P, D) vectors, (P,) labels), which are detached. ``lr_at(step)`` sets the learning rate per step.
+    ((P, D) vectors, (P,) labels), which are detached and count ``candidate_weight`` times each.
+    ``proximal`` = (mu, reference): FedProx's term mu / 2 * ||w - w_ref||^2 over the named parameters of
+    ``reference`` (the weights the round started from). ``lr_at(step)`` sets the learning rate per step.
     ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
     crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
     the end (a non-finite loss is reported then, naming the steps it happened in).
@@ -109,6 +113,10 @@ def train_steps(
     model.to(device).train()
     if use_cuda:
         model.to(memory_format=torch.channels_last)
+    anchored: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if proximal is not None and proximal[0] > 0:
+        params = dict(model.named_parameters())
+        anchored = [(params[k], v.to(device)) for k, v in proximal[1].items() if k in params]
     sums = torch.zeros(4, device=device)  # loss, ce, con, correct
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     seen, checked = 0, 0
@@ -130,9 +138,11 @@ def train_steps(
         # the losses in float32, outside autocast: similarities / temperature need more than bf16's 8 bits
         logit, label = torch.cat(logits).float(), torch.cat(labels)
         ce = F.cross_entropy(logit, label)
-        con = (contrastive(torch.cat(projections).float(), label, *(cand or (None, None)))
+        con = (contrastive(torch.cat(projections).float(), label, *(cand or (None, None)), candidate_weight)
                if contrastive is not None else torch.zeros((), device=device))
         loss = ce + alpha * con
+        if anchored:
+            loss = loss + 0.5 * proximal[0] * sum(((p - r) ** 2).sum() for p, r in anchored)
         nonfinite |= ~torch.isfinite(loss.detach())
         if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:
             if nonfinite.item():
@@ -172,6 +182,36 @@ def predict(
                 projs.append(F.normalize(model.project(features, site).float(), dim=1))  # unit in float32
     p = torch.cat(probs).cpu().numpy() if probs else np.zeros(0)
     return p, (torch.cat(projs).cpu() if with_projections else None)
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, images: torch.Tensor, image_size: int, site: int = 0, batch_size: int = 128,
+                   device: torch.device | str = "cpu") -> None:
+    """Re-estimate every BN layer's running mean/var under the model's current weights from uint8 images
+    (N, 1, R, R), labels not needed: statistics are reset, then accumulated as a cumulative average (momentum
+    None) over train-mode forward passes of the eval transform (no augmentation) through trunk, classifier and
+    projection head; affine parameters and every other weight are untouched. The model is left in eval mode with
+    its original momenta."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if len(images) < 2:
+        raise ValueError("re-estimating BN statistics needs at least 2 images")
+    momenta = [m.momentum for m in layers]
+    model.to(device).eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    try:
+        # near-equal chunks: a last batch of one image would break BatchNorm1d in train mode
+        for chunk in torch.tensor_split(images, math.ceil(len(images) / batch_size)):
+            features = model.forward_features(eval_input(to_device(chunk, torch.device(device)), image_size), site)
+            model.forward_head(features, site)
+            if getattr(model, "projector", None) is not None:
+                model.project(features, site)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.eval()
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, site: int, image_size: int,

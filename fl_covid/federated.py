@@ -1,6 +1,10 @@
-"""What one site does in a federated round, free of Flower: FedAvg, FedBN and FedBN + prototype contrastive.
+"""What one site does in a federated round, free of Flower.
 
-Shared weights are every tensor except BatchNorm's (all tensors under FedAvg). A site's BN parameters and
+A round has two steps at a site. At its start the site receives the global weights and *summarises* them: loads
+them with its own BN, re-estimates its BN statistics under them (``bn-recalibration``), evaluates them on its
+validation split and test fold when an evaluation is due, and computes its prototypes in that network, so the
+prototype bank of a round lives in the network every site starts the round from. Then it *trains* from them.
+Shared weights are every float tensor except BatchNorm's (BN's too under FedAvg). A site's BN parameters and
 statistics, its optimizer state and the round it last completed stay with the site (``LocalState``).
 """
 
@@ -18,12 +22,13 @@ import torch
 from fl_covid.checkpoint import StateStore, optimizer_from_tensors, optimizer_to_tensors, tensor_digest
 from fl_covid.config import Config
 from fl_covid.data import IndexStream, Site, Split
-from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, set_lr, train_steps
+from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import COVIDNet, bn_keys, create_model, load_partial
 from fl_covid.observe import emit
 from fl_covid.privacy import private_prototypes
 from fl_covid.prototypes import PrototypeBank, class_prototypes
+from fl_covid.seeding import derive
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,28 @@ class LocalState:
         return {"round": self.round, "bn-sha256": tensor_digest(self.bn)}
 
 
+@dataclass
+class Received:
+    """The weights of a round's summary message as the site holds them (flat float32) and the BN state to train
+    them with, kept between the summary and the train message of the round (which names them by digest)."""
+
+    flat: np.ndarray
+    bn: dict[str, torch.Tensor]
+    round: int
+
+    def save(self, folder: Path) -> None:
+        StateStore(folder).save({"weights": {"flat": torch.from_numpy(self.flat)}, "bn": self.bn},
+                                {"round": self.round})
+
+    @staticmethod
+    def load(folder: Path) -> "Received | None":
+        loaded = StateStore(folder).load(("weights", "bn"))
+        if loaded is None:
+            return None
+        tensors, meta = loaded
+        return Received(tensors["weights"]["flat"].numpy(), tensors.get("bn", {}), int(meta["round"]))
+
+
 def shared_keys(model: COVIDNet, config: Config) -> list[str]:
     """Names of the tensors a site sends and receives, in state-dict order: every float tensor but BN's (BN's too
     when the method shares BN, FedAvg). BN's integer step counters never travel."""
@@ -64,14 +91,31 @@ def shared_keys(model: COVIDNet, config: Config) -> list[str]:
 
 def initial_shared(config: Config) -> tuple[dict[str, torch.Tensor], int]:
     """The server's starting weights (seeded: the same subset the sites exchange) and the projection's width."""
-    torch.manual_seed(config.seed)
+    torch.manual_seed(derive(config.seed, "init"))
     model = create_model(config.arch, config.width, 1, image_size=config.image_size)
     state = model.state_dict()
     return {k: state[k] for k in shared_keys(model, config)}, model.proj_dim
 
 
+@dataclass
+class Summary:
+    """What a site makes of the weights it received at the start of a round (before training on them).
+
+    ``metrics``: test-fold metrics and the validation split's as ``val_<name>`` (None when no evaluation was
+    due); ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID); ``prototypes``: this
+    site's prototypes in the received network (None when the method exchanges none); ``bn``: the BN state to
+    train from (statistics re-estimated under the received weights with ``bn-recalibration``, else the site's).
+    """
+
+    metrics: dict[str, float] | None
+    roc_tpr: list[float] | None
+    probs: np.ndarray | None
+    prototypes: PrototypeBank | None
+    bn: dict[str, torch.Tensor]
+
+
 class SiteRunner:
-    """One site's model, data and local state handling for a round of training or evaluation."""
+    """One site's model, data and local state handling: the summary of received weights and a round of training."""
 
     def __init__(self, config: Config, site_id: int, site: Site, split: Split, device: torch.device) -> None:
         self.config, self.site_id, self.site, self.split, self.device = config, site_id, site, split, device
@@ -81,65 +125,89 @@ class SiteRunner:
         state = self.model.state_dict()
         self.layout = tuple((k, tuple(state[k].shape)) for k in self.keys)  # transfer order of the shared weights
 
-    def _load(self, shared: dict[str, torch.Tensor], local: LocalState | None) -> None:
+    def _load(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None) -> None:
         """Shared weights from the server; this site's own BN when it has one (FedBN)."""
         if list(shared) != self.keys:
             raise ValueError(f"site '{self.site.name}': received {len(shared)} shared tensors, expected "
                              f"{len(self.keys)} for method {self.config.method}")
         tensors = dict(shared)
-        if local is not None and local.bn and not self.config.spec.shares_bn:
-            tensors.update(local.bn)
+        if bn and not self.config.spec.shares_bn:
+            tensors.update(bn)
         load_partial(self.model, tensors, self.local_keys - set(tensors))
         emit("loaded", site=self.site_id, model=self.model)
 
-    def train(self, shared: dict[str, torch.Tensor], local: LocalState | None, lr: float, server_round: int,
-              bank: PrototypeBank | None, noise: torch.Generator | None = None
-              ) -> tuple[dict[str, torch.Tensor], PrototypeBank | None, dict[str, float], LocalState]:
-        """One round: returns (shared weights, this site's prototypes or None, metrics, new local state).
-        ``noise``: the generator of the prototypes' DP noise (needed when dp-epsilon > 0)."""
-        started = time.perf_counter()
+    def _local_part(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        return {k: state[k].detach().cpu().clone() for k in sorted(self.local_keys)}
+
+    def summary_indices(self, server_round: int) -> np.ndarray:
+        """The training images passed through the received model at the start of ``server_round``: a seeded
+        random subset of ``summary-images`` (all of them when 0 or more than there are)."""
+        train, n = self.split.train, self.config.summary_images
+        if not n or n >= len(train):
+            return train
+        g = torch.Generator().manual_seed(derive(self.config.seed, "summary", self.site_id, server_round))
+        return np.sort(train[torch.randperm(len(train), generator=g)[:n].numpy()])
+
+    def summarise(self, shared: dict[str, torch.Tensor], local: LocalState | None, server_round: int,
+                  evaluate_now: bool, noise: torch.Generator | None = None) -> Summary:
+        """Load the received weights with this site's BN, re-estimate the BN statistics under them
+        (``bn-recalibration``), evaluate on the validation split and the test fold (``evaluate_now``) and compute
+        this site's prototypes (methods that exchange them). ``noise``: DP noise source (dp-epsilon > 0)."""
         cfg = self.config
-        self._load(shared, local)
+        self._load(shared, local.bn if local is not None else None)
+        images, labels = self.site.images, self.site.labels
+        subset = self.summary_indices(server_round)
+        if cfg.bn_recalibration and not cfg.spec.shares_bn:
+            recalibrate_bn(self.model, images[subset], cfg.image_size, device=self.device)
+        metrics = roc = probs = None
+        if evaluate_now:
+            val, _ = evaluate(self.model, images[self.split.val], labels[self.split.val], 0, cfg.image_size,
+                              self.device)
+            metrics, probs = evaluate(self.model, images[self.split.test], labels[self.split.test], 0,
+                                      cfg.image_size, self.device)
+            metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+            roc = roc_on_grid(labels[self.split.test].numpy(), probs)
+        prototypes = None
+        if cfg.spec.prototypes:
+            _, z = predict(self.model, images[subset], 0, cfg.image_size, device=self.device, with_projections=True)
+            y = labels[subset]
+            prototypes = PrototypeBank.of_site(self.site_id, *(
+                private_prototypes(z, y, cfg.dp_epsilon, cfg.dp_delta, noise, cfg.dp_clip, cfg.min_prototype_images)
+                if cfg.dp_epsilon > 0 else
+                class_prototypes(z, y, per_class=cfg.prototypes_per_class, min_count=cfg.min_prototype_images,
+                                 seed=derive(cfg.seed, "prototypes", self.site_id, server_round))))
+        return Summary(metrics, roc, probs, prototypes, self._local_part())
+
+    def train(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None, local: LocalState | None,
+              lr: float, server_round: int, bank: PrototypeBank | None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float], LocalState]:
+        """One round of local training from the received weights with ``bn`` (the summary's BN, else the site's
+        own): returns (shared weights, metrics, new local state)."""
+        started = time.perf_counter()
+        cfg, spec = self.config, self.config.spec
+        self._load(shared, bn if bn is not None else (local.bn if local is not None else None))
         optimizer = make_optimizer(self.model, lr)
-        if local is not None and local.optimizer:
+        if local is not None and local.optimizer and cfg.optimizer_state == "keep":
             optimizer_from_tensors(optimizer, local.optimizer)
         set_lr(optimizer, lr)
-        seed = cfg.seed * 1_000_003 + self.site_id * 10_007 + server_round
-        stream = IndexStream(self.split.train, torch.Generator().manual_seed(seed))
+        stream = IndexStream(self.split.train, torch.Generator().manual_seed(
+            derive(cfg.seed, "batches", self.site_id, server_round)))
         images, labels = self.site.images, self.site.labels
 
         def next_batch() -> list[Chunk]:
             idx = stream.next(cfg.batch_size)
             return [Chunk(0, images[idx], labels[idx])]
 
-        spec = cfg.spec
         candidates = bank.candidates_for(self.site_id) if (spec.prototypes and bank is not None) else None
         stats = train_steps(
             self.model, optimizer, next_batch, cfg.local_steps, image_size=cfg.image_size,
-            generator=torch.Generator().manual_seed(seed + 1), alpha=cfg.alpha if spec.contrastive else 0.0,
-            temperature=cfg.temperature, candidates=candidates, grad_clip=cfg.grad_clip, device=self.device,
+            generator=torch.Generator().manual_seed(derive(cfg.seed, "augment", self.site_id, server_round)),
+            alpha=cfg.alpha if spec.contrastive else 0.0, temperature=cfg.temperature, candidates=candidates,
+            candidate_weight=cfg.prototype_weight, grad_clip=cfg.grad_clip, device=self.device,
+            proximal=(cfg.proximal_mu, shared) if spec.proximal else None,
         )
-        prototypes = None
-        if spec.prototypes:
-            _, z = predict(self.model, images[self.split.train], 0, cfg.image_size, device=self.device,
-                           with_projections=True)
-            train_labels = labels[self.split.train]
-            prototypes = PrototypeBank.of_site(self.site_id, *(
-                private_prototypes(z, train_labels, cfg.dp_epsilon, cfg.dp_delta, noise, cfg.dp_clip,
-                                   cfg.min_prototype_images) if cfg.dp_epsilon > 0 else
-                class_prototypes(z, train_labels, per_class=cfg.prototypes_per_class,
-                                 min_count=cfg.min_prototype_images, seed=seed)))
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        new_local = LocalState({k: state[k] for k in sorted(self.local_keys)}, optimizer_to_tensors(optimizer),
-                               server_round)
+        new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round)
         stats["seconds"] = time.perf_counter() - started
-        return {k: state[k] for k in self.keys}, prototypes, stats, new_local
-
-    def evaluate(self, shared: dict[str, torch.Tensor], local: LocalState | None
-                 ) -> tuple[dict[str, float], list[float], np.ndarray]:
-        """Global shared weights + this site's BN on its test fold: metrics, ROC TPR on the grid, probabilities."""
-        self._load(shared, local)
-        test = self.split.test
-        metrics, probs = evaluate(self.model, self.site.images[test], self.site.labels[test], 0,
-                                  self.config.image_size, self.device)
-        return metrics, roc_on_grid(self.site.labels[test].numpy(), probs), probs
+        return {k: state[k] for k in self.keys}, stats, new_local

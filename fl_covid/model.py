@@ -169,6 +169,21 @@ def bn_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def one_site_state(model: COVIDNet, site: int = 0) -> dict[str, torch.Tensor]:
+    """The state dict of a one-site model (``create_model(..., num_sites=1)``) holding ``model``'s weights with
+    the BN of site index ``site`` (``...bns.<site>.x`` becomes ``...bns.0.x``)."""
+    out = {}
+    for name, t in model.state_dict().items():
+        parts = name.split(".")
+        if "bns" in parts:
+            i = parts.index("bns")
+            if int(parts[i + 1]) != site:
+                continue
+            parts[i + 1] = "0"
+        out[".".join(parts)] = t.detach().cpu().clone()
+    return out
+
+
 def split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split the state dict into (shared, bn): BN params and statistics stay local under FedBN."""
     bn = bn_keys(model)

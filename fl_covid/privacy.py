@@ -2,7 +2,8 @@
 
 A site releases, once per round, its per-class prototypes and per-class image counts. With ``dp-epsilon`` > 0 it
 releases instead: each class's SUM of training projections, every projection clipped to L2 norm ``clip``, plus
-Gaussian noise, then normalised; and each class's count plus Gaussian noise, rounded and floored at 0.
+Gaussian noise, then normalised; and each class's count plus Gaussian noise, rounded and floored at the minimum
+number of images per prototype.
 
 Neighbouring datasets differ by adding or removing one training image (images, not patients: a patient with k
 slices is protected at group level, roughly k times the epsilon). Adding one image changes one class sum by at

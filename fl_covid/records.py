@@ -10,6 +10,7 @@ The only module of the library that imports Flower.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Mapping
 
 import numpy as np
@@ -30,18 +31,23 @@ PROTOTYPES = "prototypes"  # ArrayRecord: prototype bank (server -> site) or a s
 CONFIG = "config"  # ConfigRecord: server-round, lr, run-name
 METRICS = "metrics"  # MetricRecord of a reply
 # ConfigRecord keys
-ROUND = "server-round"
+ROUND = "server-round"  # the round about to be trained (num-server-rounds + 1: the final evaluation)
 LR = "lr"
 RUN_NAME = "run-name"  # names the run directory and each site's state folder; kept on resume
+EVALUATE = "evaluate"  # summary message: evaluate the received weights on the validation split and test fold
+FINAL = "final"  # summary message after the last round: evaluate, keep the final model
+DIGEST = "weights-sha256"  # train message without weights: train from the weights of this round's summary
 # MetricRecord keys (identical on every site; the site is a number, never part of a name)
 NUM_EXAMPLES = "num-examples"
 WEIGHT = "aggregation-weight"  # set by the server on accepted replies, never taken from a site
 SITE_ID = "site-id"
 ROC_TPR = "roc-tpr"
 TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds")
-# every metric key of a train / evaluate reply: the server rejects replies with other keys
+VAL_METRICS = tuple(f"val_{m}" for m in METRIC_NAMES)  # the validation split's metrics
+# every metric key of a reply: the server rejects replies with other keys
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
-EVALUATE_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *METRIC_NAMES, ROC_TPR)
+SUMMARY_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID)  # + EVALUATION_METRICS when an evaluation was asked for
+EVALUATION_METRICS = (*METRIC_NAMES, *VAL_METRICS, ROC_TPR)
 # prototype record keys
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 
@@ -115,6 +121,16 @@ def read_weights(record: object, size: int, compression: str) -> np.ndarray:
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Any name -> tensor mapping -> ArrayRecord, one array per tensor (prototype banks)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
+
+
+def as_received(flat: np.ndarray, compression: str) -> np.ndarray:
+    """The float32 weights a site holds after receiving ``flat`` sent with ``compression``."""
+    return encode(flat, compression).astype(np.float32)
+
+
+def weights_digest(flat: np.ndarray) -> str:
+    """SHA-256 of flat float32 weights (a train message names the summary's weights by it)."""
+    return hashlib.sha256(np.ascontiguousarray(flat, dtype=np.float32).tobytes()).hexdigest()
 
 
 def bank_to_record(bank: PrototypeBank) -> ArrayRecord:

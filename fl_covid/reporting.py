@@ -57,6 +57,12 @@ def write_csv(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def write_predictions(path: Path, site: Any, indices: Any, probs: Any) -> None:
+    """Per-image P(COVID) of a site's images ``indices`` as CSV (path, label, prob_covid); stays at the site."""
+    write_csv(path, [{"path": site.paths[i], "label": int(site.labels[i]), "prob_covid": float(p)}
+                     for i, p in zip([int(i) for i in indices], probs)])
+
+
 def new_run_dir(output_dir: Path, method: str, tag: str = "") -> Path:
     """Create ``output_dir/<time>-<method>[-<tag>]-<random>`` and return it."""
     name = "-".join(p for p in (time.strftime("%Y%m%d-%H%M%S"), method, tag, secrets.token_hex(2)) if p)
@@ -66,9 +72,13 @@ def new_run_dir(output_dir: Path, method: str, tag: str = "") -> Path:
 
 
 def final_metrics(method: str, per_site: Mapping[str, Mapping[str, float]], **extra: Any) -> dict[str, Any]:
-    """The ``final_metrics.json`` schema: method and, per site, the five metrics + specificity and n."""
+    """The ``final_metrics.json`` schema: method, per site the test fold's five metrics + specificity and n, and
+    under ``validation`` the same metrics on each site's validation split (where the per-site mapping has them as
+    ``val_<name>``)."""
     sites = {s: {k: m[k] for k in (*METRIC_NAMES, "n")} for s, m in per_site.items()}
-    return {"method": method, "sites": sites, **extra}
+    validation = {s: {k: m[f"val_{k}"] for k in METRIC_NAMES} for s, m in per_site.items()
+                  if all(f"val_{k}" in m for k in METRIC_NAMES)}
+    return {"method": method, "sites": sites, "validation": validation, **extra}
 
 
 class RunWriter:

@@ -78,27 +78,38 @@ def open_run(config: Config, run_id: int) -> Run:
 
 def run_rounds(grid: Grid, strategy: SitesMixin, config: Config, run: Run, layout: R.Layout, arrays: ArrayRecord,
                first: int) -> dict[str, float]:
-    """Rounds ``first``..num-server-rounds: train, aggregate, evaluate, checkpoint. Returns each round's wall time
-    (seconds, checkpoint included) by round number."""
+    """Rounds ``first``..num-server-rounds, each a summary (when needed: evaluation of the previous round's
+    weights, prototypes) and a training step, then the final summary (evaluation of the last weights); a
+    checkpoint after every round. Returns each round's wall time (seconds, checkpoint included) by round."""
     timeout = config.round_timeout or None  # None: wait for every site
     round_seconds: dict[str, float] = {}
     for rnd in range(first, config.num_server_rounds + 1):
         started = time.perf_counter()
         log.info("[ROUND %d/%d] lr %.3g", rnd, config.num_server_rounds, strategy.lr_for(rnd))
+        if strategy.summary_needed(rnd):
+            summarise(grid, strategy, run, arrays, rnd, timeout)
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if config.dp_epsilon > 0:  # the guarantee spent so far by each site's prototype releases
             write_json(run.dir / PRIVACY_JSON, privacy_report(config.dp_epsilon, config.dp_delta, config.dp_clip, rnd))
-        replies = grid.send_and_receive(strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
-                                        timeout=timeout)
-        strategy.aggregate_evaluate(rnd, replies)
-        for site, r in _evaluations(run.writer.rows, rnd).items():
-            log.info("round %d %s: AUC %.4f accuracy %.4f", rnd, site, r["auc"], r["accuracy"])
         ServerState(rnd, R.unflatten(arrays[R.FLAT].numpy(), layout), strategy.bank, run.writer.rows,
                     config.to_dict()).save(run.dir / CHECKPOINT)
         round_seconds[str(rnd)] = time.perf_counter() - started
         log.info("round %d took %.2f s", rnd, round_seconds[str(rnd)])
+    summarise(grid, strategy, run, arrays, config.num_server_rounds + 1, timeout)
     return round_seconds
+
+
+def summarise(grid: Grid, strategy: SitesMixin, run: Run, arrays: ArrayRecord, server_round: int,
+              timeout: float | None) -> None:
+    """The summary message at the start of ``server_round``: the sites evaluate the weights (when due) and
+    return their prototypes; the evaluation is logged as that of round ``server_round - 1``."""
+    replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                    timeout=timeout)
+    strategy.aggregate_evaluate(server_round, replies)
+    for site, r in _evaluations(run.writer.rows, server_round - 1).items():
+        log.info("round %d %s: AUC %.4f (validation %.4f) accuracy %.4f", server_round - 1, site, r["auc"],
+                 r["val_auc"], r["accuracy"])
 
 
 def finish(config: Config, run: Run, round_seconds: dict[str, float]) -> None:

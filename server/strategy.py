@@ -1,9 +1,11 @@
 """The server's strategy: one of Flower's (FedAvg, FedProx, FedAdam, FedYogi, FedAvgM) with the sites' rules on top.
 
-``SitesMixin`` sends the cosine learning rate, the run name and the prototype bank with each train message,
-checks every reply inside one guard (anything malformed rejects that reply, never the run), pins each node to one
-site, weights the average by what the server computes (never by what a site claims), takes the prototypes out of
-the replies before Flower averages the weights, and hands one row per site and round to ``on_row``.
+A round starts with a *summary* message (Flower's evaluate message type) carrying the global weights: every site
+evaluates them when an evaluation is due and returns its prototypes in that network. The *train* message then
+carries the cosine learning rate, the prototype bank and, instead of the same weights again, their digest.
+``SitesMixin`` checks every reply inside one guard (anything malformed rejects that reply, never the run), pins
+each node to one site, weights the average by what the server computes (never by what a site claims), and hands
+one row per site and phase to ``on_row``.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class SitesMixin:
         self.bank = PrototypeBank.empty(proj_dim)
         self.site_of_node: dict[int, int] = {node: site for site, node in config.pinned_nodes.items()}
         self.dataset_sizes: dict[int, int] = {}  # site id -> num-examples of its first accepted training reply
-        self.sent_flat = np.zeros(0, np.float32)  # the weights last sent (float32): reference of max-update-norm
+        self.sent_flat = np.zeros(0, np.float32)  # the weights of the last train message: max-update-norm's reference
+        self.summary = (0, "")  # (round, digest of the weights as the sites hold them) of the last summary message
         self.sent: list[Message] = []  # messages of the last configure_* (the grid sets their ids on sending)
         self.on_row = on_row or (lambda kind, row: None)
         self.on_aggregated = on_aggregated or (lambda server_round, strategy: None)
@@ -79,33 +82,55 @@ class SitesMixin:
 
     # -- messages ------------------------------------------------------------------------------------------------
 
-    def _finish_messages(self, messages: Iterable[Message], arrays: ArrayRecord, with_bank: bool) -> list[Message]:
-        """Encode the weights for transfer once (compression) and attach the prototype bank."""
+    def evaluation_due(self, server_round: int) -> bool:
+        """Whether the weights after round ``server_round`` are evaluated: every ``eval-every`` rounds and after
+        the last round."""
+        return 1 <= server_round and (server_round % self.config.eval_every == 0
+                                      or server_round == self.config.num_server_rounds)
+
+    def summary_needed(self, server_round: int) -> bool:
+        """Whether round ``server_round`` starts with a summary message: the sites re-estimate BN or compute
+        prototypes under the received weights, or the weights of the round before are to be evaluated."""
+        spec = self.config.spec
+        return spec.prototypes or (self.config.bn_recalibration and not spec.shares_bn) \
+            or self.evaluation_due(server_round - 1)
+
+    def _finish_messages(self, messages: Iterable[Message], weights: ArrayRecord | None, bank: bool) -> list[Message]:
+        """Set the (encoded) weights or remove them, attach the prototype bank; the same content for every site."""
         messages = list(messages)
-        encoded = R.weights_record(self.sent_flat, self.config.compression)
-        bank = R.bank_to_record(self.bank) if with_bank and len(self.bank.vectors) else None
+        record = R.bank_to_record(self.bank) if bank and len(self.bank.vectors) else None
         for m in messages:
-            m.content[R.WEIGHTS] = encoded
-            if bank is not None:
-                m.content[R.PROTOTYPES] = bank
+            m.content.pop(R.WEIGHTS, None)
+            if weights is not None:
+                m.content[R.WEIGHTS] = weights
+            if record is not None:
+                m.content[R.PROTOTYPES] = record
         self.sent = messages
         return messages
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-                        ) -> Iterable[Message]:
-        config[R.LR], config[R.RUN_NAME] = self.lr_for(server_round), self.run_name
-        # server optimizers may hand back float64: the sites receive float32 (and FedOpt keeps what it sent)
-        self.sent_flat = arrays[R.FLAT].numpy().astype(np.float32)
-        arrays = R.weights_record(self.sent_flat)
-        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._finish_messages(messages, arrays, with_bank=self.config.spec.prototypes)
-
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        config[R.RUN_NAME] = self.run_name
-        self.sent_flat = arrays[R.FLAT].numpy().astype(np.float32)
+        """The summary message at the start of round ``server_round`` (num-server-rounds + 1: the final one)."""
+        final = server_round > self.config.num_server_rounds
+        config[R.RUN_NAME], config[R.FINAL] = self.run_name, final
+        config[R.EVALUATE] = self.evaluation_due(server_round - 1)
+        flat = arrays[R.FLAT].numpy().astype(np.float32)  # server optimizers may hand back float64
+        self.summary = (server_round, R.weights_digest(R.as_received(flat, self.config.compression)))
         messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._finish_messages(messages, arrays, with_bank=False)
+        return self._finish_messages(messages, R.weights_record(flat, self.config.compression), bank=False)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        """The train message: lr, run name, prototype bank, and the weights (or their digest after a summary)."""
+        config[R.LR], config[R.RUN_NAME] = self.lr_for(server_round), self.run_name
+        self.sent_flat = arrays[R.FLAT].numpy().astype(np.float32)  # FedOpt keeps what it sent: float32
+        arrays = R.weights_record(self.sent_flat)
+        summarised = self.summary[0] == server_round
+        if summarised:
+            config[R.DIGEST] = self.summary[1]
+        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        weights = None if summarised else R.weights_record(self.sent_flat, self.config.compression)
+        return self._finish_messages(messages, weights, bank=self.config.spec.prototypes)
 
     # -- replies -------------------------------------------------------------------------------------------------
 
@@ -121,8 +146,8 @@ class SitesMixin:
                 site = claimed
         return f"{self.config.sites[site] if site is not None else 'unknown'} (node {node})"
 
-    def _verdict(self, msg: Message, train: bool) -> tuple[str | None, dict]:
-        """(why the reply must be rejected or None, what was decoded: weights, prototypes)."""
+    def _verdict(self, msg: Message, train: bool, evaluated: bool = False) -> tuple[str | None, dict]:
+        """(why the reply must be rejected or None, what was decoded: weights or prototypes)."""
         if msg.has_error():
             return f"failed: {remote_text(msg.error.reason)}", {}
         content = msg.content
@@ -138,53 +163,53 @@ class SitesMixin:
             return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}", {}
         if pinned is None and site_id in self.site_of_node.values():
             return f"site-id {site_id} belongs to another node", {}
-        allowed = {R.METRICS, R.WEIGHTS} | ({R.PROTOTYPES} if self.config.spec.prototypes else set()) \
-            if train else {R.METRICS}
+        prototypes = not train and self.config.spec.prototypes and not self.summary[0] > self.config.num_server_rounds
+        allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set())
         if unexpected := set(content.keys()) - allowed:
             return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
-        if reason := check_metrics(metrics, R.TRAIN_REPLY_METRICS if train else R.EVALUATE_REPLY_METRICS,
-                                   {} if train else {R.ROC_TPR: ROC_POINTS}):
+        expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
+                                                                                  else ())
+        if reason := check_metrics(metrics, expected, {R.ROC_TPR: ROC_POINTS} if evaluated else {}):
             return reason, {}
         if reason := check_num_examples(metrics[R.NUM_EXAMPLES]):
             return reason, {}
-        if not train:
-            return None, {}
-        known = self.dataset_sizes.get(site_id)
-        if known is not None and known != metrics[R.NUM_EXAMPLES]:
-            return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
-        if R.WEIGHTS not in content:
-            return "no weights record", {}
-        try:
-            flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
-        except ValueError as e:
-            return str(e), {}
-        if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
-            return reason, {}
-        decoded: dict = {"weights": flat}
-        if self.config.spec.prototypes:
-            if R.PROTOTYPES not in content:
-                return "no prototypes record", {}
+        if train:
+            known = self.dataset_sizes.get(site_id)
+            if known is not None and known != metrics[R.NUM_EXAMPLES]:
+                return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
+            if R.WEIGHTS not in content:
+                return "no weights record", {}
             try:
-                bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, self.max_prototype_rows)
+                flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
             except ValueError as e:
                 return str(e), {}
-            if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
-                                          bank.counts.numpy(), dim=self.proj_dim, num_classes=NUM_CLASSES,
-                                          num_sites=len(self.config.sites), max_rows=self.max_prototype_rows,
-                                          min_count=self.config.min_prototype_images):
+            if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
                 return reason, {}
-            if bank.sites.ne(site_id).any():
-                return f"prototype record must hold prototypes of site-id {site_id} only", {}
-            decoded["bank"] = bank
-        return None, decoded
+            return None, {"weights": flat}
+        if not prototypes:
+            return None, {}
+        if R.PROTOTYPES not in content:
+            return "no prototypes record", {}
+        try:
+            bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, self.max_prototype_rows)
+        except ValueError as e:
+            return str(e), {}
+        if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
+                                      bank.counts.numpy(), dim=self.proj_dim, num_classes=NUM_CLASSES,
+                                      num_sites=len(self.config.sites), max_rows=self.max_prototype_rows,
+                                      min_count=self.config.min_prototype_images):
+            return reason, {}
+        if bank.sites.ne(site_id).any():
+            return f"prototype record must hold prototypes of site-id {site_id} only", {}
+        return None, {"bank": bank}
 
-    def _accepted(self, server_round: int, replies: Iterable[Message], train: bool
+    def _accepted(self, server_round: int, replies: Iterable[Message], train: bool, evaluated: bool = False
                   ) -> list[tuple[Message, dict]]:
         """Replies that carry no error and pass every check, with what was decoded, sorted by site id; the rest
         are logged by site. Any exception while judging a reply rejects that reply only."""
         good: list[tuple[Message, dict]] = []
         replies = list(replies)
-        what = "training" if train else "evaluation"
+        what = "training" if train else "summary"
         answered = {msg.metadata.reply_to_message_id for msg in replies}
         for m in self.sent:
             if m.metadata.message_id not in answered:
@@ -194,7 +219,7 @@ class SitesMixin:
                             f"{self.config.sites[site] if site is not None else 'unknown'} (node {node})", what)
         for msg in replies:
             try:
-                reason, decoded = self._verdict(msg, train)
+                reason, decoded = self._verdict(msg, train, evaluated)
                 site_id = None if reason else int(msg.content[R.METRICS][R.SITE_ID])
                 if site_id is not None and site_id in {int(g.content[R.METRICS][R.SITE_ID]) for g, _ in good}:
                     reason = f"site-id {site_id} has already answered this round"
@@ -223,23 +248,26 @@ class SitesMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         good = self._accepted(server_round, replies, train=True)
-        newer = [d["bank"] for _, d in good if "bank" in d]
         for msg, decoded in good:
             metrics = msg.content[R.METRICS]
             self.on_row("train", self._row(server_round, metrics))
             metrics[R.WEIGHT] = self._weight(int(metrics[R.SITE_ID]))
             msg.content[R.WEIGHTS] = R.weights_record(decoded["weights"])  # float32, whatever the transfer
-            msg.content.pop(R.PROTOTYPES, None)
-        for bank in newer:  # sites that did not answer keep their last prototypes
-            self.bank = self.bank.merge(bank)
         result = super().aggregate_train(server_round, [m for m, _ in good])  # type: ignore[misc]
         self.on_aggregated(server_round, self)
         return result
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        good = self._accepted(server_round, replies, train=False)
-        for msg, _ in good:
-            self.on_row("evaluate", self._row(server_round, msg.content[R.METRICS]))
+        """The summary replies at the start of ``server_round``: evaluation rows of the weights after round
+        ``server_round - 1`` (when asked for) and the prototypes of the round's bank."""
+        evaluated = self.evaluation_due(server_round - 1)
+        good = self._accepted(server_round, replies, train=False, evaluated=evaluated)
+        for msg, decoded in good:
+            if evaluated:
+                self.on_row("evaluate", self._row(server_round - 1, msg.content[R.METRICS]))
+            if "bank" in decoded:  # sites that did not answer keep their last prototypes
+                self.bank = self.bank.merge(decoded["bank"])
+            msg.content.pop(R.PROTOTYPES, None)
             msg.content[R.METRICS][R.WEIGHT] = 1.0  # the logged mean of the sites' metrics is unweighted
         return super().aggregate_evaluate(server_round, [m for m, _ in good])  # type: ignore[misc]
 

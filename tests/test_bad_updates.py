@@ -170,12 +170,22 @@ def site_id_as_list(m: Message) -> None:
     m.content[R.METRICS][R.SITE_ID] = [1]
 
 
+# corruptions of a training reply (weights, counts, metrics) ...
 CORRUPTIONS = {
     "NaN": (nan_weight, "NaN or Inf"), "Inf": (inf_weight, "NaN or Inf"),
     "extra array": (extra_array, "one array"), "short weights": (short_weights, "has shape"),
     "float64 weights": (float64_weights, "has dtype"), "unknown serialisation": (unknown_serialisation, "pickle"),
     "garbage bytes": (garbage_bytes, "cannot be decoded"), "lying metadata": (lying_metadata, "decodes to"),
     "oversize data": (oversize_data, "bytes"), "weights as a config record": (weights_as_config, "one array"),
+    "absurd num-examples": (absurd_examples, "num-examples"), "negative num-examples": (negative_examples,
+                                                                                       "num-examples"),
+    "fractional num-examples": (fractional_examples, "num-examples"), "NaN metric": (nan_metric, "finite"),
+    "extra metric": (extra_metric, "metric keys"), "extra record": (extra_record, "unexpected records"),
+    "duplicate site": (lambda m: m.content[R.METRICS].__setitem__(R.SITE_ID, 0), "belongs to another node"),
+    "unknown site": (unknown_site, "site-id '7'"), "site id as a list": (site_id_as_list, "site-id '[1]'"),
+}
+# ... and of a summary reply (the prototypes of the round's bank)
+SUMMARY_CORRUPTIONS = {
     "prototype dimension": (prototypes_wrong_dimension, "has shape"),
     "prototype NaN": (prototypes_nan, "NaN or Inf"), "prototype norm": (prototypes_not_unit, "unit vectors"),
     "prototype counts as strings": (prototype_counts_as_strings, "has dtype"),
@@ -183,24 +193,21 @@ CORRUPTIONS = {
     "prototype label": (prototype_label_out_of_range, "labels must lie"),
     "200,000 prototype rows": (prototypes_too_many_rows, "at most 2 expected"),
     "prototypes as metrics": (prototypes_as_metrics, "must be an ArrayRecord"),
-    "absurd num-examples": (absurd_examples, "num-examples"), "negative num-examples": (negative_examples,
-                                                                                       "num-examples"),
-    "fractional num-examples": (fractional_examples, "num-examples"), "NaN metric": (nan_metric, "finite"),
-    "extra metric": (extra_metric, "metric keys"), "extra record": (extra_record, "unexpected records"),
-    "duplicate site": (claims_other_site, "belongs to another node"), "unknown site": (unknown_site, "site-id '7'"),
-    "site id as a list": (site_id_as_list, "site-id '[1]'"),
     "prototypes of another site": (prototypes_of_other_site, "prototypes of site-id 1 only"),
+    "no prototypes": (lambda m: m.content.pop(R.PROTOTYPES), "no prototypes record"),
+    "claims the other site": (claims_other_site, "belongs to another node"),
 }
 
 
-def real_replies() -> tuple[Config, list[Message]]:
-    """Round-1 training replies of both sites of a real fedbn-proto run, as the server receives them."""
+def real_replies(kind: str = "train") -> tuple[Config, list[Message]]:
+    """Round-1 replies (``train``, or ``evaluate`` for the summary with the prototypes) of both sites of a real
+    fedbn-proto run, as the server receives them."""
     grid, _ = shared_run("fedbn-proto")
-    return federated_config(grid.run_config), [wire(grid.delivery(p, 1).reply) for p in (0, 1)]
+    return federated_config(grid.run_config), [wire(grid.delivery(p, 1, kind).reply) for p in (0, 1)]
 
 
 @pytest.mark.parametrize("case", CORRUPTIONS)
-def test_bad_reply_is_rejected_and_the_round_goes_on(case: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_bad_training_reply_is_rejected_and_the_round_goes_on(case: str, caplog: pytest.LogCaptureFixture) -> None:
     corrupt, reason = CORRUPTIONS[case]
     config, replies = real_replies()
     genuine = flat(replies[0])
@@ -213,18 +220,34 @@ def test_bad_reply_is_rejected_and_the_round_goes_on(case: str, caplog: pytest.L
     assert f"(node {replies[1].metadata.src_node_id})" in rejected[0]
     if case not in ("duplicate site", "unknown site", "site id as a list"):  # else the claim is all there is
         assert SITE_B in rejected[0]
-    # only site A's update is averaged in, and only its prototypes enter the bank
+    # only site A's update is averaged in
     assert arrays is not None and list(arrays.keys()) == [R.FLAT]
     assert np.array_equal(arrays[R.FLAT].numpy(), genuine)
-    assert strategy.bank.sites.tolist() == [0, 0]
 
 
-@pytest.mark.parametrize("case", ["NaN", "prototype dimension", "absurd num-examples"])
+@pytest.mark.parametrize("case", SUMMARY_CORRUPTIONS)
+def test_bad_prototypes_are_rejected_and_the_round_goes_on(case: str, caplog: pytest.LogCaptureFixture) -> None:
+    corrupt, reason = SUMMARY_CORRUPTIONS[case]
+    config, replies = real_replies("evaluate")
+    corrupt(replies[1])
+    strategy = strategy_for(config, min_sites=1)
+    with caplog.at_level(logging.WARNING, logger="server.strategy"):
+        strategy.aggregate_evaluate(1, replies)
+    rejected = [r.getMessage() for r in caplog.records if "rejected summary reply" in r.getMessage()]
+    assert len(rejected) == 1 and reason in rejected[0], rejected
+    assert strategy.bank.sites.tolist() == [0, 0]  # only site A's prototypes enter the bank
+
+
+@pytest.mark.parametrize("case", ["NaN", "absurd num-examples"])
 def test_too_few_sound_replies_stop_the_run(case: str) -> None:
     config, replies = real_replies()
     CORRUPTIONS[case][0](replies[1])
     with pytest.raises(NotEnoughSites, match="min-sites"):
         strategy_for(config, min_sites=2).aggregate_train(1, replies)
+    config, summaries = real_replies("evaluate")
+    prototypes_nan(summaries[1])
+    with pytest.raises(NotEnoughSites, match="min-sites"):
+        strategy_for(config, min_sites=2).aggregate_evaluate(1, summaries)
 
 
 def test_sound_replies_are_averaged_with_the_weights_the_server_computes() -> None:
@@ -262,13 +285,13 @@ def test_a_node_is_pinned_to_its_site(caplog: pytest.LogCaptureFixture) -> None:
 
 def test_registered_nodes_are_pinned_before_the_first_round(caplog: pytest.LogCaptureFixture) -> None:
     """site-nodes (from the operator's registration): a node claiming another site is rejected in round 1."""
-    config, replies = real_replies()
+    config, replies = real_replies("evaluate")
     node_a, node_b = (r.metadata.src_node_id for r in replies)
     impostor = wire(replies[1])
     claims_other_site(impostor)  # site B's node claims site A, and answers first
     strategy = strategy_for(config, min_sites=1, site_nodes=f"{config.sites[0]}={node_a},{config.sites[1]}={node_b}")
     with caplog.at_level(logging.WARNING, logger="server.strategy"):
-        strategy.aggregate_train(1, [impostor, wire(replies[0])])
+        strategy.aggregate_evaluate(1, [impostor, wire(replies[0])])
     assert any("but claims site-id 0" in r.getMessage() for r in caplog.records)
     assert strategy.bank.sites.tolist() == [0, 0]  # the genuine site A was accepted
 
@@ -287,7 +310,7 @@ def test_remote_error_text_is_quoted_and_truncated(caplog: pytest.LogCaptureFixt
 def test_update_norm_bound(caplog: pytest.LogCaptureFixture) -> None:
     grid, _ = shared_run("fedbn-proto")
     config, replies = real_replies()
-    sent = grid.delivery(0, 1).message.content[R.WEIGHTS]
+    sent = grid.delivery(0, 1, "evaluate").message.content[R.WEIGHTS]  # the train message names them by digest
     norms = [float(np.linalg.norm(flat(r).astype(np.float64) - sent[R.FLAT].numpy())) for r in replies]
     assert min(norms) > 0 and abs(norms[0] - norms[1]) > 1e-3 * max(norms)
 
@@ -295,7 +318,7 @@ def test_update_norm_bound(caplog: pytest.LogCaptureFixture) -> None:
         strategy = strategy_for(config, min_sites=1, max_update_norm=bound)
         strategy.sent_flat = sent[R.FLAT].numpy()  # as configure_train sets it
         strategy.aggregate_train(1, [wire(r) for r in replies])
-        return sorted(set(strategy.bank.sites.tolist()))
+        return sorted(strategy.dataset_sizes)  # the sites whose reply was accepted
 
     small, large = sorted(range(2), key=lambda i: norms[i])
     assert accepted(max(norms) * 1.001) == [0, 1]
@@ -320,9 +343,8 @@ def test_federation_continues_without_a_bad_site(tmp_path: Path, caplog: pytest.
     assert any("rejected training reply of site site_b_covidct" in r.getMessage() and "NaN" in r.getMessage()
                for r in caplog.records)
     site_a = grid.delivery(0, 1).reply.content[R.WEIGHTS][R.FLAT].numpy()
-    evaluated = grid.delivery(0, 1, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy()
+    evaluated = grid.delivery(0, 2, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy()  # the final summary
     assert np.array_equal(evaluated, site_a)
-    assert grid.banks[1].sites.tolist() == [0, 0]
 
 
 def test_federation_stops_when_too_few_sites_remain(tmp_path: Path) -> None:

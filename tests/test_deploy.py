@@ -38,12 +38,14 @@ import pytest
 from fl_covid.checkpoint import load_tensors, tensor_digest
 from fl_covid.metrics import METRIC_NAMES
 from tests.conftest import SITE_A, SITE_B
-from tests.flower_local import REPO, free_port
+from fl_covid.config import project_root
+from fl_covid.experiments.federation import free_port
 from tests.inprocess import run_dir as inprocess_run_dir, run_federation
 
 pytestmark = pytest.mark.slow
 
 SITES = (SITE_A, SITE_B)
+REPO = project_root()
 OPERATOR, OUTSIDER = "operator", "outsider"
 RUN_TIMEOUT = 900  # seconds for one run; about a minute on an idle 2-core machine
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
@@ -87,21 +89,20 @@ honest, evil = C.app, ClientApp()
 @evil.train()
 def train(msg, context):
     reply = honest(msg, context)
-    rnd = int(msg.content[R.CONFIG][R.ROUND])
-    if rnd == 1:  # pretend to be the other site
+    if int(msg.content[R.CONFIG][R.ROUND]) == 1:  # pretend to be the other site
         reply.content[R.METRICS][R.SITE_ID] = 0
-        reply.content[R.PROTOTYPES][R.P_SITES] = Array(np.zeros(len(reply.content[R.PROTOTYPES][R.P_SITES].numpy()),
-                                                                np.int64))
-    else:  # prototype counts as strings
-        n = len(reply.content[R.PROTOTYPES][R.P_COUNTS].numpy())
-        reply.content[R.PROTOTYPES][R.P_COUNTS] = Array(np.array(["5"] * n))
     return reply
 
 @evil.evaluate()
-def evaluate(msg, context):
-    if int(msg.content[R.CONFIG][R.ROUND]) == 1:
+def summarise(msg, context):
+    rnd = int(msg.content[R.CONFIG][R.ROUND])
+    if rnd == 1:  # a failure whose text forges a log line
         raise RuntimeError("x\\nINFO flwr: FINAL fedbn-proto site_b_covidct: AUC 0.9990 FORGED")
-    return honest(msg, context)
+    reply = honest(msg, context)
+    if R.PROTOTYPES in reply.content:  # prototype counts as strings
+        n = len(reply.content[R.PROTOTYPES][R.P_COUNTS].numpy())
+        reply.content[R.PROTOTYPES][R.P_COUNTS] = Array(np.array(["5"] * n))
+    return reply
 
 C.app = evil
 from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
@@ -493,10 +494,10 @@ def test_a_malicious_site_is_rejected_and_the_run_goes_on(federation: Federation
     node = federation.node_ids["rogue"]
     assert re.search(rf"round 1: rejected training reply of site \w+ \(node {node}\): site-id 0 belongs to another "
                      "node", log), log[-4000:]
-    assert re.search(rf"round 2: rejected training reply of site \w+ \(node {node}\): site-id 1 belongs to another "
-                     "node|array counts has dtype <U1", log)
+    assert re.search(rf"round 2: rejected summary reply of site \w+ \(node {node}\): site-id 1 belongs to another "
+                     "node", log)
     forged = [line for line in log.splitlines() if "FORGED" in line]
-    assert forged and all("rejected evaluation reply" in line and "\\n" in line for line in forged), forged
+    assert forged and all("rejected summary reply" in line and "\\n" in line for line in forged), forged
     assert not re.search(r"^\S*\s*INFO flwr: FINAL", log, re.M)
     check_results(federation.run_dir(run_id))  # both honest sites, every round
     assert all(tensor_digest(load_tensors(federation.site_state(s, federation.run_dir(run_id).name) / "bn.npz"))

@@ -16,9 +16,9 @@ from fl_covid.centralized import run_central
 from fl_covid.config import load_config, project_root
 from fl_covid.data import DataError, Site, eval_input, load_site, make_split
 from fl_covid.metrics import METRIC_NAMES
-from fl_covid.model import bn_keys, create_model
-from fl_covid.trained import TrainedRun, site_bn_state
-from fl_covid.unseen import average_bn, evaluate_unseen, main, model_for_unseen
+from fl_covid.model import bn_keys, create_model, one_site_state
+from fl_covid.experiments.trained import TrainedRun
+from fl_covid.experiments.unseen import average_bn, evaluate_unseen, main, model_for_unseen
 
 SITE_A, SITE_B = "site_a_sarscov2", "site_b_covidct"
 DATA = project_root() / "data"
@@ -99,10 +99,13 @@ def test_per_site_bn_is_stored_under_one_site_names() -> None:
     for m in model.modules():
         if isinstance(m, _BatchNorm):
             m.running_mean.fill_(7.0 if m is model.stem[1].bns[1] else 0.0)
-    state = site_bn_state(model, 1)
-    assert set(state) == bn_keys(create_model("redesigned", 0.125, num_sites=1, image_size=32))
+    state = one_site_state(model, 1)
+    one_site = create_model("redesigned", 0.125, num_sites=1, image_size=32)
+    assert set(state) == set(one_site.state_dict())  # loads strictly into a one-site model
+    one_site.load_state_dict(state)
     assert torch.all(state["stem.1.bns.0.running_mean"] == 7.0)
-    assert torch.all(site_bn_state(model, 0)["stem.1.bns.0.running_mean"] == 0.0)
+    assert torch.all(one_site_state(model, 0)["stem.1.bns.0.running_mean"] == 0.0)
+    assert bn_keys(one_site) <= set(state)
 
 
 def test_cli_and_its_errors(loso_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

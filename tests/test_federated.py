@@ -1,6 +1,7 @@
 """Federated rounds of the real ServerApp and ClientApp (in process, tests/inprocess.py), smoke config on the
-embedded CT images: which tensors leave a site under each method, BN restored from a site's state, the exact
-prototype round trip, the contrastive term fed by the other site's prototypes, and a three-site federation."""
+embedded CT images: which tensors leave a site under each method, BN restored from a site's state and its
+statistics re-estimated under the received weights, the exact prototype round trip, the contrastive term fed by
+the other site's prototypes, and a three-site federation."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from fl_covid.federated import LocalState, shared_keys
 from fl_covid.metrics import METRIC_NAMES
 from fl_covid.model import COVIDNet, bn_keys, create_model
 from tests.conftest import SITE_A, SITE_B, read_manifest, write_manifest
-from tests.inprocess import Delivery, InProcessGrid, run_dir, run_federation, shared_run, wire
+from tests.inprocess import Delivery, RecordingGrid, run_dir, run_federation, shared_run, wire
 
 METHODS = ("fedavg", "fedbn", "fedbn-proto")
 SITES = (SITE_A, SITE_B)
@@ -43,7 +44,7 @@ def bitwise_equal(a: np.ndarray, b: np.ndarray) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def trains(grid: InProcessGrid) -> list[Delivery]:
+def trains(grid: RecordingGrid) -> list[Delivery]:
     return [d for d in grid.deliveries if d.kind == "train"]
 
 
@@ -62,32 +63,47 @@ def test_bn_leaves_a_site_only_under_fedavg(method: str) -> None:
         assert list(d.reply.content[R.WEIGHTS].keys()) == [R.FLAT]
         assert d.reply.content[R.WEIGHTS][R.FLAT].numpy().shape == (size,)
     for d in grid.deliveries:
-        if d.kind == "evaluate":
-            assert list(d.reply.content.keys()) == [R.METRICS]
-    for msg in grid.sent:  # and the server sends exactly the shared subset
-        assert msg.content[R.WEIGHTS][R.FLAT].numpy().shape == (size,)
+        if d.kind == "evaluate":  # a summary: metrics, and prototypes where the method exchanges them
+            final = bool(d.message.content[R.CONFIG][R.FINAL])
+            assert set(d.reply.content.keys()) == {R.METRICS} | (
+                {R.PROTOTYPES} if method == "fedbn-proto" and not final else set())
+    for msg in grid.sent:  # the server sends exactly the shared subset, once per round: with the summary, and
+        if R.DIGEST in msg.content[R.CONFIG]:  # a train message after a summary names those weights by digest
+            assert msg.metadata.message_type == "train" and R.WEIGHTS not in msg.content
+        else:
+            assert msg.content[R.WEIGHTS][R.FLAT].numpy().shape == (size,)
+    if method == "fedavg":  # no BN re-estimation, no prototypes: round 1 starts with the train message
+        assert R.WEIGHTS in grid.delivery(0, 1).message.content
+
+
+def affine(bn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in bn.items() if k.endswith((".weight", ".bias"))}
+
+
+def statistics(bn: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in bn.items() if k.endswith(("running_mean", "running_var"))}
 
 
 @pytest.mark.parametrize("method", ("fedbn", "fedbn-proto"))
-def test_fedbn_site_restores_its_own_bn_in_round_2(method: str) -> None:
+def test_fedbn_site_restores_its_own_bn_and_re_estimates_its_statistics(method: str) -> None:
     grid, output = shared_run(method)
     model = smoke_model()
     bn = bn_keys(model)
     fresh = {k: v for k, v in model.state_dict().items() if k in bn}
     stored = {}
     for p in (0, 1):
-        first, second = grid.delivery(p, 1), grid.delivery(p, 2)
-        assert same(first.loaded_bn, fresh)  # no state yet: a freshly built BN
-        folder = run_dir(output) / f"site-{SITES[p]}"
-        saved_1 = LocalState.load(folder / "state", max_round=1)  # what the round-1 training saved
-        assert saved_1 is not None and saved_1.round == 1
+        assert same(grid.delivery(p, 1, "evaluate").loaded_bn, fresh)  # no state yet: a freshly built BN
+        saved_1 = LocalState.load(run_dir(output) / f"site-{SITES[p]}" / "state", max_round=1)
+        assert saved_1 is not None and saved_1.round == 1  # what the round-1 training saved
         stored[p] = saved_1.bn
         assert stored[p].keys() == bn and not same(stored[p], fresh)
-        assert same(grid.delivery(p, 1, "evaluate").loaded_bn, stored[p])
-        assert same(second.loaded_bn, stored[p]), "round 2 did not start from the BN the site stored"
-        saved_2 = LocalState.load(folder / "state")
-        assert saved_2 is not None and saved_2.round == 2 and same(grid.delivery(p, 2, "evaluate").loaded_bn, saved_2.bn)
-    assert not same(stored[0], stored[1])  # each site keeps its own statistics
+        # round 2 starts from it: the summary loads it as it is ...
+        assert same(grid.delivery(p, 2, "evaluate").loaded_bn, stored[p]), "not the BN the site stored"
+        # ... and trains with its own affine parameters and statistics re-estimated under the new weights
+        trained_with = grid.delivery(p, 2).loaded_bn
+        assert same(affine(trained_with), affine(stored[p]))
+        assert not same(statistics(trained_with), statistics(stored[p]))
+    assert not same(stored[0], stored[1])  # each site keeps its own BN
 
 
 def test_fedavg_sites_use_the_global_bn() -> None:
@@ -95,7 +111,7 @@ def test_fedavg_sites_use_the_global_bn() -> None:
     model = smoke_model()
     config = load_config("configs/smoke.yaml").replace(method="fedavg")
     layout = R.layout_of({k: v for k, v in model.state_dict().items() if k in shared_keys(model, config)})
-    received = R.unflatten(grid.delivery(0, 2).message.content[R.WEIGHTS][R.FLAT].numpy(), layout)
+    received = R.unflatten(grid.delivery(0, 2, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy(), layout)
     travelled = bn_keys(model) & set(received)  # BN parameters and statistics; the step counters stay home
     assert travelled and all(not k.endswith("num_batches_tracked") for k in travelled)
     loaded = [{k: v for k, v in grid.delivery(p, 2).loaded_bn.items() if k in travelled} for p in (0, 1)]
@@ -103,23 +119,21 @@ def test_fedavg_sites_use_the_global_bn() -> None:
 
 
 def test_prototypes_round_trip_bitwise() -> None:
+    """Each round's bank holds, bit for bit, the prototypes the sites computed in that round's summary (in the
+    network every site starts the round from), and reaches every site with the train message."""
     grid, _ = shared_run("fedbn-proto")
-    assert R.PROTOTYPES not in grid.delivery(0, 1).message.content  # nothing to send before round 1
-    sent = {(p, rnd): raw(grid.delivery(p, rnd).reply.content[R.PROTOTYPES]) for p in (0, 1) for rnd in (1, 2)}
     for rnd in (1, 2):
-        bank = grid.banks[rnd]  # what the server holds after aggregating round rnd
+        sent = {p: raw(grid.delivery(p, rnd, "evaluate").reply.content[R.PROTOTYPES]) for p in (0, 1)}
+        bank = grid.banks[rnd]
         for p in (0, 1):
             rows = (bank.sites == p).numpy()
-            assert bitwise_equal(bank.vectors.numpy()[rows], sent[p, rnd][R.P_VECTORS])
-            assert bitwise_equal(bank.counts.numpy()[rows], sent[p, rnd][R.P_COUNTS])
-    held = grid.banks[1]
-    for p in (0, 1):
-        received = raw(grid.delivery(p, 2).message.content[R.PROTOTYPES])
-        assert bitwise_equal(received[R.P_VECTORS], held.vectors.numpy())
-        assert bitwise_equal(received[R.P_SITES], held.sites.numpy())
-        other = received[R.P_SITES] == 1 - p
-        assert bitwise_equal(received[R.P_VECTORS][other], sent[1 - p, 1][R.P_VECTORS])
-        assert bitwise_equal(received[R.P_COUNTS][other], sent[1 - p, 1][R.P_COUNTS])
+            assert bitwise_equal(bank.vectors.numpy()[rows], sent[p][R.P_VECTORS])
+            assert bitwise_equal(bank.counts.numpy()[rows], sent[p][R.P_COUNTS])
+            received = raw(grid.delivery(p, rnd).message.content[R.PROTOTYPES])
+            assert bitwise_equal(received[R.P_VECTORS], bank.vectors.numpy())
+            other = received[R.P_SITES] == 1 - p
+            assert bitwise_equal(received[R.P_VECTORS][other], sent[1 - p][R.P_VECTORS])
+    assert R.PROTOTYPES not in grid.delivery(0, 3, "evaluate").reply.content  # the final summary sends none
 
 
 def with_bank_rows_negated(delivery: Delivery, site: int) -> RecordDict:
@@ -185,7 +199,7 @@ def test_three_sites(tmp_path: Path) -> None:
     for m in final["sites"].values():
         assert m["n"] > 0 and all(0.0 <= m[k] <= 1.0 for k in METRIC_NAMES)
     for p in range(3):
-        bank = R.read_bank(grid.delivery(p, 2).message.content[R.PROTOTYPES], 128, 12)
+        bank = R.read_bank(grid.delivery(p, 2).message.content[R.PROTOTYPES], 128, 12)  # the round-2 bank
         assert sorted(set(bank.sites.tolist())) == [0, 1, 2]
         _, labels = bank.candidates_for(p)
         assert len(labels) == 4  # two classes of each of the two other sites

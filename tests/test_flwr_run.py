@@ -7,22 +7,19 @@ import json
 import pytest
 
 from fl_covid.metrics import METRIC_NAMES
-from tests.flower_local import LocalFlower, pids_mentioning
+from fl_covid.experiments.federation import FlowerCLI, pids_mentioning
 
 
 @pytest.mark.slow
 def test_flwr_run_smoke_writes_results(tmp_path):
     out = tmp_path / "runs"
     home = tmp_path / "flwr-home"
-    with LocalFlower(home) as flower:
+    with FlowerCLI("num-supernodes=2 client-resources-num-cpus=1", home=home) as flower:
         run_id, output = flower.run(
-            f"config-file='configs/smoke.yaml' num-server-rounds=1 local-steps=2 output-dir='{out}'",
-            "num-supernodes=2 client-resources-num-cpus=1",
-        )
+            f"config-file='configs/smoke.yaml' num-server-rounds=1 local-steps=2 output-dir='{out}'")
         assert flower.status(run_id) == "finished:completed", output[-3000:]
         # a centralized method is not a federated run: refused naming the key, nothing written
-        joint_id, joint_output = flower.run(f"method='joint' num-server-rounds=1 output-dir='{out}'",
-                                            "num-supernodes=2 client-resources-num-cpus=1")
+        joint_id, joint_output = flower.run(f"method='joint' num-server-rounds=1 output-dir='{out}'")
         assert flower.status(joint_id) == "finished:failed"
         assert "config key 'method' is 'joint'" in joint_output, joint_output[-3000:]
     assert not pids_mentioning(str(home)), "the local SuperLink is still running"

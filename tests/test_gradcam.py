@@ -13,7 +13,7 @@ from torch import nn
 from fl_covid.centralized import run_central
 from fl_covid.config import load_config
 from fl_covid.data import load_configured_site
-from fl_covid.gradcam import choose_images, grad_cam, main
+from fl_covid.experiments.gradcam import choose_images, grad_cam, main
 from fl_covid.model import create_model
 
 SITE_B = "site_b_covidct"

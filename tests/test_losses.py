@@ -157,3 +157,20 @@ def test_temperature_must_be_positive(tau: float) -> None:
 def test_shape_errors_raise(z, labels, cands, cand_labels) -> None:
     with pytest.raises(ValueError):
         NTXentLoss()(z, labels, cands, cand_labels)
+
+
+@pytest.mark.parametrize("weight", [1, 2, 5])
+def test_candidate_weight_equals_replicated_candidates(weight: int) -> None:
+    """A candidate weight of w is w copies of every candidate (as positives and among the negatives)."""
+    z = embeddings(6).float()
+    labels = torch.tensor([0, 0, 1, 1, 0, 1])
+    cands = embeddings(3, seed=7).float()
+    cand_labels = torch.tensor([0, 1, 1])
+    weighted = NTXentLoss(0.1)(z, labels, cands, cand_labels, candidate_weight=weight)
+    copies = NTXentLoss(0.1)(z, labels, cands.repeat(weight, 1), cand_labels.repeat(weight))
+    assert weighted.item() == pytest.approx(copies.item(), rel=1e-6)
+    assert weighted.item() == pytest.approx(reference_ntxent(
+        z.double().tolist(), labels.tolist(), 0.1, cands.double().tolist() * weight, cand_labels.tolist() * weight),
+        rel=1e-5)
+    with pytest.raises(ValueError, match="candidate_weight"):
+        NTXentLoss(0.1)(z, labels, cands, cand_labels, candidate_weight=0.0)

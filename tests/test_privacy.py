@@ -18,19 +18,20 @@ from fl_covid.config import Config, federated_config
 from fl_covid.data import load_configured_site
 from fl_covid.federated import shared_keys
 from fl_covid.model import bn_keys, create_model
-from tests.inprocess import Delivery, InProcessGrid, shared_run, wire
+from tests.inprocess import Delivery, RecordingGrid, shared_run, wire
 
 METHODS = ("fedavg", "fedbn", "fedbn-proto")
 # The whitelist, written out here on purpose (not imported from the code under audit).
 TRAIN_METRICS = {"num-examples", "site-id", "loss", "ce", "con", "train_accuracy", "seconds"}
-EVALUATE_METRICS = {"num-examples", "site-id", "accuracy", "f1", "sensitivity", "precision", "specificity", "auc",
-                    "roc-tpr"}
+_SCORES = ("accuracy", "f1", "sensitivity", "precision", "specificity", "auc")
+EVALUATE_METRICS = {"num-examples", "site-id", *_SCORES, *(f"val_{m}" for m in _SCORES), "roc-tpr"}
+SUMMARY_METRICS = {"num-examples", "site-id"}  # a summary without an evaluation
 PROTOTYPE_ARRAYS = {"vectors": ((2, 128), np.float32), "labels": ((2,), np.int64), "sites": ((2,), np.int64),
                     "counts": ((2,), np.int64)}
 ROC_POINTS = 101
 
 
-def site_sizes(grid: InProcessGrid) -> dict[int, dict[str, int]]:
+def site_sizes(grid: RecordingGrid) -> dict[int, dict[str, int]]:
     """Per site: number of training, test and all images, from the same config and data as the run."""
     config = federated_config(grid.run_config)
     out = {}
@@ -40,11 +41,14 @@ def site_sizes(grid: InProcessGrid) -> dict[int, dict[str, int]]:
     return out
 
 
-def local_bn_after(grid: InProcessGrid, index: int) -> dict[str, torch.Tensor]:
-    """The BN tensors a site holds after delivery ``index``: what its model loaded at its evaluation of that round
-    (the state its training saved)."""
+def local_bn_after(grid: RecordingGrid, index: int) -> list[dict[str, torch.Tensor]]:
+    """The BN tensors a site held around delivery ``index``: what its model loaded for it and, after a training,
+    the state the training saved (what the next summary loads)."""
     d = grid.deliveries[index]
-    return grid.delivery(d.partition, d.round, "evaluate").loaded_bn
+    held = [d.loaded_bn or {}]
+    if d.kind == "train":
+        held.append(grid.delivery(d.partition, d.round + 1, "evaluate").loaded_bn)
+    return held
 
 
 def holds(flat: np.ndarray, values: np.ndarray) -> bool:
@@ -53,15 +57,17 @@ def holds(flat: np.ndarray, values: np.ndarray) -> bool:
     return any(np.array_equal(flat[i:i + len(values)], values) for i in starts)
 
 
-def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local_bn: dict[str, torch.Tensor]
+def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local_bn: list[dict[str, torch.Tensor]]
           ) -> None:
     """Assert that the reply of delivery ``d`` holds only what may leave the site."""
     model = create_model(config.arch, config.width, 1, image_size=config.image_size)
     state = model.state_dict()
     content = d.reply.content
     train = d.kind == "train"
+    final = bool(d.message.content["config"]["final"]) if not train else False
+    evaluated = not train and bool(d.message.content["config"]["evaluate"])
     records = {"metrics"} | ({"arrays"} if train else set()) | (
-        {"prototypes"} if train and method == "fedbn-proto" else set())
+        {"prototypes"} if not train and method == "fedbn-proto" and not final else set())
     assert set(content.keys()) == records
     assert isinstance(content["metrics"], MetricRecord) and not content.config_records
 
@@ -76,7 +82,7 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
         if method != "fedavg":
             assert not bn_keys(model) & set(expected)
             # and no BN statistic or parameter of this site travels inside it
-            local = [t.numpy().ravel() for t in local_bn.values() if t.numel() > 1]
+            local = [t.numpy().ravel() for bn in local_bn for t in bn.values() if t.numel() > 1]
             assert local, "the site holds no BN state"
             assert not any(holds(flat, b) for b in local)
     if "prototypes" in content:
@@ -85,11 +91,11 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
         for name, (shape, dtype) in PROTOTYPE_ARRAYS.items():
             assert protos[name].shape == shape and protos[name].dtype == dtype, name
         assert protos["labels"].tolist() == [0, 1] and protos["sites"].tolist() == [d.partition] * 2
-        assert int(protos["counts"].sum()) == sizes["train"]  # class counts of the training images
+        assert int(protos["counts"].sum()) == min(sizes["train"], config.summary_images or sizes["train"])
         small_arrays += protos.values()
 
     metrics = dict(content["metrics"])
-    assert set(metrics) == (TRAIN_METRICS if train else EVALUATE_METRICS)
+    assert set(metrics) == (TRAIN_METRICS if train else EVALUATE_METRICS if evaluated else SUMMARY_METRICS)
     for key, value in metrics.items():
         if key == "roc-tpr":
             assert isinstance(value, list) and len(value) == ROC_POINTS and all(0 <= v <= 1 for v in value)
@@ -108,7 +114,10 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
 def test_only_weights_counts_prototypes_and_aggregates_leave_a_site(method: str) -> None:
     grid, _ = shared_run(method)
     sizes, config = site_sizes(grid), federated_config(grid.run_config)
-    assert len(grid.deliveries) == 8  # 2 sites x 2 rounds x (train + evaluate)
+    # a summary starts every round and ends the run; under fedavg round 1 needs none (no BN to re-estimate under
+    # the received weights, no prototypes, nothing to evaluate yet)
+    summaries = 2 if method == "fedavg" else 3
+    assert len(grid.deliveries) == 2 * (2 + summaries)  # 2 sites x (2 trainings + the summaries)
     assert all(not d.reply.has_error() for d in grid.deliveries)
     for i, d in enumerate(grid.deliveries):
         audit(d, method, config, sizes[d.partition], local_bn_after(grid, i))
@@ -138,16 +147,17 @@ def leak_image(reply: Message, bn: dict[str, torch.Tensor]) -> None:
     reply.content["image"] = ArrayRecord({"x": Array(np.zeros((1, 37, 37), np.uint8))})
 
 
-@pytest.mark.parametrize("leak", [leak_bn_renamed, leak_bn_inside_weights, leak_embeddings, leak_labels_as_metric,
-                                  leak_image])
-def test_the_audit_catches_a_leak(leak: Callable[[Message, dict[str, torch.Tensor]], None]) -> None:
+@pytest.mark.parametrize("leak, kind", [(leak_bn_renamed, "train"), (leak_bn_inside_weights, "train"),
+                                        (leak_embeddings, "evaluate"), (leak_labels_as_metric, "evaluate"),
+                                        (leak_image, "train")])
+def test_the_audit_catches_a_leak(leak: Callable[[Message, dict[str, torch.Tensor]], None], kind: str) -> None:
     """The audit above is not vacuous: a reply with one extra leak fails it."""
     grid, _ = shared_run("fedbn-proto")
     sizes, config = site_sizes(grid), federated_config(grid.run_config)
-    index = next(i for i, d in enumerate(grid.deliveries) if d.kind == "train")
+    index = next(i for i, d in enumerate(grid.deliveries) if d.kind == kind)
     d, bn = grid.deliveries[index], local_bn_after(grid, index)
     audit(d, "fedbn-proto", config, sizes[d.partition], bn)
     leaky = wire(d.reply)
-    leak(leaky, bn)
+    leak(leaky, next(b for b in bn if b))
     with pytest.raises(AssertionError):
         audit(dataclasses.replace(d, reply=leaky), "fedbn-proto", config, sizes[d.partition], bn)

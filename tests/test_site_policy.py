@@ -125,7 +125,7 @@ def test_a_malformed_bank_from_the_server_is_refused(corruption, caplog: pytest.
 @pytest.mark.parametrize("dtype", [np.float64, np.int8])
 def test_weights_of_another_dtype_from_the_server_are_refused(dtype: type) -> None:
     grid, _ = shared_run("fedbn-proto")
-    msg = wire(grid.delivery(0, 1).message)
+    msg = wire(grid.delivery(0, 1, "evaluate").message)
     flat = msg.content[R.WEIGHTS][R.FLAT].numpy()
     msg.content[R.WEIGHTS] = ArrayRecord({R.FLAT: Array(flat.astype(dtype))})
     with pytest.raises(client_app.SiteFailure, match=re.escape(FAILED)):

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from fl_covid.metrics import ROC_FPR_GRID  # noqa: E402
-from fl_covid.protocol import PROTOCOL_TEXT  # noqa: E402
+from fl_covid.experiments.protocol import PROTOCOL_TEXT  # noqa: E402
 from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, atomic_write_bytes, save_figure, write_csv  # noqa: E402
 
 OURS = "fedbn-proto"

@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from fl_covid.config import ConfigError  # noqa: E402
 from fl_covid.data import CLASSES, MEAN, STD, DataError, Site, Split, eval_input, load_configured_site  # noqa: E402
 from fl_covid.reporting import save_figure  # noqa: E402
-from fl_covid.trained import TrainedRun  # noqa: E402
+from fl_covid.experiments.trained import TrainedRun  # noqa: E402
 
 log = logging.getLogger(__name__)
 

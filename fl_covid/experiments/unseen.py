@@ -16,21 +16,19 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from fl_covid.config import ConfigError, to_json
-from fl_covid.data import CLASSES, DataError, Site, eval_input, load_site
-from fl_covid.engine import evaluate, select_device
+from fl_covid.data import CLASSES, DataError, Site, load_site
+from fl_covid.engine import evaluate, recalibrate_bn, select_device
 from fl_covid.metrics import binary_metrics, roc_on_grid
 from fl_covid.model import COVIDNet
 from fl_covid.reporting import RunWriter, write_csv
-from fl_covid.trained import TrainedRun
+from fl_covid.experiments.trained import TrainedRun
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +49,6 @@ def average_bn(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return out
 
 
-@torch.no_grad()
-def adapt_bn(model: COVIDNet, images: torch.Tensor, image_size: int, batch_size: int = 64,
-             device: torch.device | str = "cpu") -> None:
-    """Re-estimate every BN layer's running mean/var from unlabelled uint8 images (N, 1, R, R).
-
-    Statistics are reset, then accumulated as a cumulative average (momentum None) over train-mode forward
-    passes of the eval transform (no augmentation) through trunk, classifier and projection head; affine
-    parameters are untouched. The model is left in eval mode with its original momenta.
-    """
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    if len(images) < 2:
-        raise ValueError("adapting BN needs at least 2 images")
-    momenta = [m.momentum for m in bns]
-    model.to(device).eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        # near-equal chunks: a last batch of one image would break BatchNorm1d in train mode
-        for chunk in torch.tensor_split(images, math.ceil(len(images) / batch_size)):
-            x = eval_input(chunk, image_size).to(device)
-            features = model.forward_features(x)
-            model.forward_head(features)
-            if model.projector is not None:
-                model.project(features)
-    finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        model.eval()
-
-
 def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_size: int = 64,
                      device: torch.device | str = "cpu") -> COVIDNet:
     """The run's final model with BN chosen by ``bn`` (see BN_MODES); ``adapt`` needs the new ``site``."""
@@ -94,7 +60,7 @@ def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_s
     if bn == "adapt":
         if site is None:
             raise ValueError("--bn adapt needs the new site's images")
-        adapt_bn(model, site.images, run.config.image_size, batch_size, device)
+        recalibrate_bn(model, site.images, run.config.image_size, batch_size=batch_size, device=device)
     return model
 
 
