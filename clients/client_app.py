@@ -23,7 +23,7 @@ from fl_covid.config import Config, NodeConfig, federated_config, parse_node_con
 from fl_covid.data import Site, Split, load_configured_site
 from fl_covid.engine import select_device
 from fl_covid.federated import LocalState, Received, SiteRunner
-from fl_covid.privacy import noise_generator, site_secret
+from fl_covid.privacy import PrivacyLedger, noise_generator, site_secret
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import write_predictions
 from fl_covid.site_model import model_card, save_site_model
@@ -84,11 +84,24 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
     folder = site_folder(root, str(instruction[R.RUN_NAME]), config.sites[index]).resolve()
     if not folder.is_relative_to(root):
         raise ValueError(f"run name {instruction[R.RUN_NAME]!r} leads outside the state folder {root}")
+    if node.policy.dp_budget and config.spec.prototypes and config.dp_epsilon > 0:
+        ledger = _ledger(root, config.sites[index])
+        planned = {}
+        for rnd in range(1, config.num_server_rounds + 1):
+            planned.update(ledger.release(folder.parent.name, rnd, config.dp_epsilon, config.dp_delta))
+        if (total := ledger.epsilon(config.dp_delta, planned)) > node.policy.dp_budget:
+            raise RunRefused(f"the run's prototype releases would bring this site's total privacy loss to epsilon "
+                             f"{total:.3g} at delta {config.dp_delta}, above its dp-budget {node.policy.dp_budget}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     site, split = _site_data(config, index, str(node.data_folder(config)))
     runner = SiteRunner(config, index, site, split, select_device(config.device))
     return config, node, runner, folder, int(instruction[R.ROUND])
+
+
+def _ledger(root: Path, site: str) -> PrivacyLedger:
+    """The site's record of its prototype releases over all runs (its privacy budget)."""
+    return PrivacyLedger(root / f".privacy-ledger-{site}.json")
 
 
 def _received_weights(msg: Message, config: Config, runner: SiteRunner) -> dict[str, torch.Tensor]:
@@ -122,8 +135,13 @@ def summarise(msg: Message, context: Context) -> Message:
     flat = R.read_weights(msg.content.get(R.WEIGHTS), R.layout_size(runner.layout), config.compression)
     if not np.isfinite(flat).all():
         raise ValueError("the shared weights from the server contain NaN or Inf")
-    noise = noise_generator(site_secret(node.state_root(config) / f".noise-secret-{runner.site.name}"),
-                            folder.parent.name, server_round) if config.dp_epsilon > 0 and not final else None
+    noise = None
+    if config.dp_epsilon > 0 and config.spec.prototypes and not final:
+        root = node.state_root(config).resolve()
+        noise = noise_generator(site_secret(root / f".noise-secret-{runner.site.name}"), folder.parent.name,
+                                server_round)
+        ledger = _ledger(root, runner.site.name)  # recorded before anything is released
+        ledger.record(ledger.release(folder.parent.name, server_round, config.dp_epsilon, config.dp_delta))
     summary = runner.summarise(R.unflatten(flat, runner.layout), LocalState.load(folder / SITE_STATE, server_round - 1),
                                server_round, evaluate_now, noise)
     if not final:  # the train message of this round names these weights by their digest

@@ -13,10 +13,11 @@ Theorem A.1, stated for epsilon < 1) calibrates
     sigma_sum   = clip * sqrt(2 ln(1.25 / delta)) / epsilon      (sums, sensitivity clip)
     sigma_count =        sqrt(2 ln(1.25 / delta)) / epsilon      (counts, sensitivity 1)
 
-Normalising the noisy sum is post-processing. Accounting uses zero-concentrated DP (Bun & Steinke 2016): a
-Gaussian mechanism with sensitivity s and noise sigma is rho-zCDP with rho = s^2 / (2 sigma^2); rho adds up over
-the two releases of a round and over rounds, and rho-zCDP implies (rho + 2 sqrt(rho ln(1/delta)), delta)-DP for
-every delta > 0, for any epsilon (the classic calibration's epsilon < 1 condition is not needed for this bound).
+Normalising the noisy sum is post-processing. Accounting composes the privacy loss distributions of the Gaussian
+mechanisms (Google's dp-accounting, PLD accountant: numerically tight, for any epsilon) over the two releases of
+a round and over rounds; a site's ``PrivacyLedger`` composes its releases over all its runs, for the policy's
+``dp-budget``. The noise of a round is drawn from a generator seeded by a secret of the site with the run and
+round, so a round released again repeats its noise and is counted once.
 
 The guarantee covers the prototype record only: shared weights, ``num-examples`` and metrics leave the site
 without noise (see docs/threat-model.md).
@@ -25,12 +26,16 @@ without noise (see docs/threat-model.md).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from dp_accounting import dp_event, pld
+
+from fl_covid.reporting import write_json
 
 
 def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
@@ -38,16 +43,6 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
     if epsilon <= 0 or not 0 < delta < 1 or sensitivity <= 0:
         raise ValueError(f"need epsilon > 0, 0 < delta < 1, sensitivity > 0; got {epsilon}, {delta}, {sensitivity}")
     return sensitivity * math.sqrt(2 * math.log(1.25 / delta)) / epsilon
-
-
-def zcdp_rho(sensitivity: float, sigma: float) -> float:
-    """zCDP parameter of one Gaussian mechanism release."""
-    return sensitivity ** 2 / (2 * sigma ** 2)
-
-
-def zcdp_to_epsilon(rho: float, delta: float) -> float:
-    """Epsilon of the (epsilon, delta)-DP guarantee implied by rho-zCDP (Bun & Steinke 2016, Prop. 1.3)."""
-    return rho + 2 * math.sqrt(rho * math.log(1 / delta))
 
 
 def clip_rows(vectors: torch.Tensor, clip: float) -> torch.Tensor:
@@ -111,20 +106,65 @@ def private_prototypes(projections: torch.Tensor, labels: torch.Tensor, epsilon:
             counts.round().clamp(min=min_count).to(torch.int64)[present])
 
 
+def release_event(epsilon: float, delta: float, clip: float) -> dp_event.DpEvent:
+    """One round's release of one site: the Gaussian mechanism on the class sums (sensitivity ``clip``) composed
+    with the one on the class counts (sensitivity 1), as dp-accounting events (noise multiplier = sigma /
+    sensitivity, which does not depend on ``clip``)."""
+    sums = gaussian_sigma(epsilon, delta, clip) / clip
+    counts = gaussian_sigma(epsilon, delta, 1.0)
+    return dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(sums), dp_event.GaussianDpEvent(counts)])
+
+
+def composed_epsilon(events: list[tuple[dp_event.DpEvent, int]], delta: float) -> float:
+    """The epsilon at ``delta`` of ``count`` releases of each event, composed by privacy loss distributions
+    (Google's dp-accounting PLD accountant, tight for Gaussian mechanisms)."""
+    if not events:
+        return 0.0
+    accountant = pld.PLDAccountant()
+    for event, count in events:
+        accountant.compose(event, count)
+    return float(accountant.get_epsilon(delta))
+
+
 def privacy_report(epsilon: float, delta: float, clip: float, rounds: int) -> dict[str, object]:
     """Per-round and total guarantee of ``rounds`` prototype releases by one site (JSON-friendly)."""
-    sigma_sum, sigma_count = gaussian_sigma(epsilon, delta, clip), gaussian_sigma(epsilon, delta, 1.0)
-    rho = zcdp_rho(clip, sigma_sum) + zcdp_rho(1.0, sigma_count)
+    event = release_event(epsilon, delta, clip)
     return {
         "mechanism": "Gaussian noise on per-class sums of clipped projections and on per-class counts",
         "neighbouring": "add or remove one training image of a site",
         "scope": "the prototype record of each site; shared weights, num-examples and metrics carry no noise",
         "dp-epsilon": epsilon, "dp-delta": delta, "dp-clip": clip,
-        "sigma-sum": sigma_sum, "sigma-count": sigma_count,
+        "sigma-sum": gaussian_sigma(epsilon, delta, clip), "sigma-count": gaussian_sigma(epsilon, delta, 1.0),
         "rounds": rounds,
-        "per-round": {"rho": rho, "epsilon": zcdp_to_epsilon(rho, delta), "delta": delta},
-        "total": {"rho": rho * rounds, "epsilon": zcdp_to_epsilon(rho * rounds, delta), "delta": delta,
-                  "accounting": "zCDP (Bun & Steinke 2016): rho adds over releases and rounds"},
-        "basic-composition": {"epsilon": 2 * epsilon * rounds, "delta": 2 * delta * rounds,
-                              "valid": epsilon < 1},
+        "per-round": {"epsilon": composed_epsilon([(event, 1)], delta), "delta": delta},
+        "total": {"epsilon": composed_epsilon([(event, rounds)], delta), "delta": delta,
+                  "accounting": "privacy loss distributions of the Gaussian mechanisms (dp-accounting PLD), "
+                                "composed over the two releases of a round and over rounds"},
     }
+
+
+class PrivacyLedger:
+    """The prototype releases of one site over all its runs, kept in its state folder, so that the site can hold
+    its total privacy loss under the policy's ``dp-budget``. A release is keyed by run and round: a round
+    released again (resumed runs repeat their noise exactly) is counted once."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = Path(file)
+        self.releases: dict[str, dict[str, float]] = (
+            json.loads(self.file.read_text())["releases"] if self.file.is_file() else {})
+
+    def epsilon(self, delta: float, planned: dict[str, dict[str, float]] | None = None) -> float:
+        """The total epsilon at ``delta`` of every recorded release and the ``planned`` ones (same keys)."""
+        counts: dict[tuple[float, float], int] = {}
+        for r in {**self.releases, **(planned or {})}.values():
+            key = (r["dp-epsilon"], r["dp-delta"])
+            counts[key] = counts.get(key, 0) + 1
+        return composed_epsilon([(release_event(e, d, 1.0), n) for (e, d), n in counts.items()], delta)
+
+    @staticmethod
+    def release(run: str, server_round: int, epsilon: float, delta: float) -> dict[str, dict[str, float]]:
+        return {f"{run}|{server_round}": {"dp-epsilon": epsilon, "dp-delta": delta}}
+
+    def record(self, releases: dict[str, dict[str, float]]) -> None:
+        self.releases.update(releases)
+        write_json(self.file, {"releases": self.releases})

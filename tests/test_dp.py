@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import optimize, stats
 import torch
 import torch.nn.functional as F
 
@@ -19,11 +20,11 @@ from fl_covid.privacy import (
     clip_rows,
     gaussian_sigma,
     noisy_class_sums,
+    PrivacyLedger,
     privacy_report,
     private_prototypes,
-    zcdp_rho,
-    zcdp_to_epsilon,
 )
+from server.strategy import NotEnoughSites
 from tests.inprocess import run_dir, run_federation, shared_run
 
 
@@ -86,21 +87,49 @@ def test_each_image_contributes_at_most_clip() -> None:
     assert torch.allclose(sums[1], 0.25 * z[y == 1].double().sum(0)) and counts.tolist() == [20.0, 20.0]
 
 
-def test_accounting_against_hand_computed_values() -> None:
-    assert zcdp_rho(1.0, 1.0) == 0.5
-    # rho = 0.5, delta = 1e-5: 0.5 + 2 sqrt(0.5 * ln 1e5) = 0.5 + 2 sqrt(5.75646273) = 5.29852591
-    assert zcdp_to_epsilon(0.5, 1e-5) == pytest.approx(5.29852591, abs=1e-7)
-    report = privacy_report(0.5, 1e-5, 1.0, rounds=10)
-    # per round: sums (sensitivity 1) and counts (sensitivity 1), each with sigma 9.68961053:
-    # rho = 2 * 1 / (2 * 9.68961053^2) = 0.01065093; 10 rounds: rho 0.1065093,
-    # epsilon = 0.1065093 + 2 sqrt(0.1065093 * 11.5129255) = 0.1065093 + 2 * 1.1073541 = 2.3212175
-    assert report["per-round"]["rho"] == pytest.approx(0.01065093, abs=1e-8)
-    assert report["total"]["rho"] == pytest.approx(0.1065093, abs=1e-7)
-    assert report["total"]["epsilon"] == pytest.approx(2.3212175, abs=1e-6)
-    assert report["per-round"]["epsilon"] == pytest.approx(0.7110032, abs=1e-6)
-    assert report["basic-composition"] == {"epsilon": 10.0, "delta": pytest.approx(2e-4), "valid": True}
+def gdp_epsilon(mu: float, delta: float) -> float:
+    """Closed form: the epsilon at ``delta`` of a mu-GDP mechanism (Dong, Roth & Su 2022), which is exactly what a
+    composition of Gaussian mechanisms with noise multipliers s_i is, with mu = sqrt(sum 1 / s_i^2)."""
+    def gap(eps: float) -> float:
+        return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2) - delta
+    return optimize.brentq(gap, 0.0, 100.0)
+
+
+@pytest.mark.parametrize("epsilon, rounds", [(1.0, 6), (0.5, 20), (4.0, 3)])
+def test_accounting_matches_the_closed_form_of_composed_gaussians(epsilon: float, rounds: int) -> None:
+    delta = 1e-5
+    report = privacy_report(epsilon, delta, 1.0, rounds)
+    sigma = gaussian_sigma(epsilon, delta, 1.0)  # both releases of a round, sensitivity 1 (clip 1)
+    mu = math.sqrt(2 * rounds) / sigma
+    assert report["total"]["epsilon"] == pytest.approx(gdp_epsilon(mu, delta), rel=0.01)
+    assert report["per-round"]["epsilon"] == pytest.approx(gdp_epsilon(math.sqrt(2) / sigma, delta), rel=0.01)
     # the clip rescales the noise, not the guarantee
-    assert privacy_report(0.5, 1e-5, 2.0, 10)["total"]["epsilon"] == pytest.approx(2.3212175, abs=1e-6)
+    assert privacy_report(epsilon, delta, 2.0, rounds)["total"]["epsilon"] == pytest.approx(
+        report["total"]["epsilon"], rel=1e-9)
+
+
+def test_the_ledger_counts_each_round_once_across_runs(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    for run in ("run-a", "run-b"):
+        for rnd in (1, 2, 3):
+            ledger.record(ledger.release(run, rnd, 1.0, 1e-5))
+    ledger.record(ledger.release("run-a", 2, 1.0, 1e-5))  # a round released again after a resume
+    again = PrivacyLedger(tmp_path / "ledger.json")
+    assert len(again.releases) == 6
+    assert again.epsilon(1e-5) == pytest.approx(privacy_report(1.0, 1e-5, 1.0, 6)["total"]["epsilon"], rel=1e-9)
+
+
+def test_a_site_refuses_a_run_beyond_its_privacy_budget(tmp_path: Path) -> None:
+    one, two = (privacy_report(0.5, 1e-5, 1.0, k)["total"]["epsilon"] for k in (1, 2))
+    budget = (one + two) / 2  # room for one release, not two
+    run_federation(tmp_path, node_config={"dp-budget": str(budget)}, overrides="dp-epsilon=0.5",
+                   **{"num-server-rounds": 1})
+    assert (run_dir(tmp_path) / "final_metrics.json").is_file()
+    with pytest.raises(NotEnoughSites):  # a second run would exceed the budget: refused before any release
+        run_federation(tmp_path, node_config={"dp-budget": str(budget)}, overrides="dp-epsilon=0.5", run_id=7,
+                       **{"num-server-rounds": 1})
+    for site in ("site_a_sarscov2", "site_b_covidct"):
+        assert len(PrivacyLedger(tmp_path / f".privacy-ledger-{site}.json").releases) == 1
 
 
 def test_config_keys() -> None:
