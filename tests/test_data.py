@@ -20,8 +20,8 @@ from fl_covid.data import (
 )
 
 MakeSite = Callable[..., Path]
-LABEL_CONFLICTS = {"COVID/kjr-21-e24-p5-29.png", "COVID/kjr-21-e24-p5-31.png", "NonCOVID/71_0.png",
-                   "NonCOVID/71_1.png"}
+LABEL_CONFLICTS = {"COVID/kjr-21-e24-p5-29.jpg", "COVID/kjr-21-e24-p5-31.jpg", "NonCOVID/71_0.jpg",
+                   "NonCOVID/71_1.jpg"}
 
 
 SITE_B = "site_b_covidct"
@@ -234,10 +234,10 @@ def test_max_per_class_is_a_seeded_stratified_subset(real_site_b_subset: Path) -
     assert sorted(a.labels.tolist()) == [0] * 5 + [1] * 5
 
 
-def test_label_conflicts_excluded_by_default(site_b: Site, shared_data: Path) -> None:
+def test_label_conflicts_excluded_by_default(site_b: Site) -> None:
     assert len(site_b) == 742 and int(site_b.labels.sum()) == 347
     assert not LABEL_CONFLICTS & set(site_b.paths)
-    kept = load_site(shared_data / SITE_B, 16, exclude_label_conflicts=False)
+    kept = load_site(site_b.root, 16, exclude_label_conflicts=False)
     assert len(kept) == 746 and LABEL_CONFLICTS <= set(kept.paths)
     assert int(kept.labels.sum()) == 349
     # Kept, they are the same image in the official test (COVID) and train (NonCOVID) parts: a leak.

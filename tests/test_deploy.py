@@ -369,8 +369,8 @@ def files_named(root: Path, part: str) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def federation(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    fed = Federation(tmp_path_factory.mktemp("deploy"), shared_data)
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    fed = Federation(tmp_path_factory.mktemp("deploy"), REPO / "data")  # the embedded real images of both sites
     try:
         fed.start()
         yield fed
