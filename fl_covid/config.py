@@ -48,6 +48,9 @@ class Config:
     max_per_class: int = 0
     exclude_label_conflicts: bool = True
     skip_unreadable: bool = False
+    # DICOM slices: window on Hounsfield units mapped to 8-bit grey (default: the lung window)
+    dicom_window_width: float = 1500.0
+    dicom_window_level: float = -600.0
     # model and loss
     arch: str = "redesigned"
     width: float = 0.25
@@ -121,6 +124,8 @@ class Config:
         need(0 <= self.fold < self.folds, "fold", f"must be in [0, folds={self.folds})")
         need(0.0 < self.val_fraction < 0.5, "val-fraction", "must be in (0, 0.5)")
         need(self.max_per_class >= 0, "max-per-class", "must be >= 0 (0 = all images)")
+        need(0 < self.dicom_window_width < float("inf"), "dicom-window-width", "must be a finite number of HU > 0")
+        need(abs(self.dicom_window_level) < float("inf"), "dicom-window-level", "must be a finite number of HU")
         need(self.arch in ("redesigned", "covidnet"), "arch", "must be 'redesigned' or 'covidnet'")
         need(self.width > 0, "width", "must be > 0")
         need(self.alpha >= 0, "alpha", "must be >= 0")

@@ -1,9 +1,10 @@
 """Sites on disk -> decoded, cached uint8 tensors; leakage-free grouped K-fold splits; tensor augmentation.
 
 A site is a folder with ``COVID/`` and ``NonCOVID/`` images (PNG, JPEG, BMP or TIFF; any size; grey, RGB or
-RGBA; 8 or 16 bit) and an optional ``manifest.csv`` with columns ``path, label`` and optionally ``patient_id``,
-``dup_group`` and ``split``. Images are decoded once, converted to grey and resized to a square cache; the three
-input channels are made at batch time.
+RGBA; 8 or 16 bit; or DICOM slices, see ``fl_covid.dicom``) and an optional ``manifest.csv`` with columns
+``path, label`` and optionally ``patient_id``, ``dup_group`` and ``split``. Images are decoded once, converted to
+grey and resized to a square cache; the three input channels are made at batch time. A DICOM file's PatientID and
+SeriesInstanceUID group its slices like the manifest's ``patient_id`` (which wins when given) and ``dup_group``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 CLASSES = ("NonCOVID", "COVID")  # index = label: COVID is the positive class 1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+DICOM_SUFFIXES = {".dcm", ".dicom"}
+DICOM_WINDOW = (1500.0, -600.0)  # lung window (width, level) in HU; the config's dicom-window-width / -level
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 MIN_SIDE = 16
@@ -115,17 +118,46 @@ def _scan_folders(root: Path, name: str) -> list[dict[str, str]]:
             raise DataError(f"site '{name}' has no {label}/ folder under {root} "
                             f"(expected {CLASSES[1]}/ and {CLASSES[0]}/ folders of images)")
         files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-        for p in files:
-            if p.suffix.lower() not in IMAGE_SUFFIXES:
-                log.warning("site '%s': skipping %s (not an image file type: %s)", name, p,
-                            ", ".join(sorted(IMAGE_SUFFIXES)))
-        rows += [{"path": p.relative_to(root).as_posix(), "label": label}
-                 for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+        images = [p for p in files if is_image_file(p)]
+        for p in sorted(set(files) - set(images)):
+            log.warning("site '%s': skipping %s (not an image file type: %s, or DICOM with the DICM marker at "
+                        "byte 128)", name, p, ", ".join(sorted(IMAGE_SUFFIXES)))
+        rows += [{"path": p.relative_to(root).as_posix(), "label": label} for p in images]
     return rows
 
 
-def decode_image(path: Path, size: int) -> np.ndarray:
-    """Read one image file as grey, resized (bilinear, antialiased) to ``size x size`` uint8; DataError if bad."""
+def has_dicom_marker(path: Path) -> bool:
+    """True when ``path`` starts like a DICOM file: a 128-byte preamble, then ``DICM``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
+def is_image_file(path: Path) -> bool:
+    """A file a folder scan takes: an image suffix, or a DICOM file (by its marker, whatever its name)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or has_dicom_marker(path)
+
+
+def is_dicom(path: Path) -> bool:
+    """Decode ``path`` as DICOM: a .dcm / .dicom suffix, or the DICM marker on a file without an image suffix."""
+    suffix = path.suffix.lower()
+    return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_marker(path))
+
+
+def decode_image(path: Path, size: int, window: tuple[float, float] = DICOM_WINDOW) -> np.ndarray:
+    """Read one image file as grey, resized (bilinear, antialiased) to ``size x size`` uint8; DataError if bad.
+
+    DICOM files go through ``fl_covid.dicom.read_dicom`` with ``window`` (width, level) in HU."""
+    if is_dicom(path):
+        from fl_covid.dicom import read_dicom  # pydicom is imported only for DICOM files
+
+        im = Image.fromarray(read_dicom(path, *window)[0])
+        if min(im.size) < MIN_SIDE:
+            raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
+                            "remove it or supply the full-resolution slice")
+        return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=2.0))
     try:
         with Image.open(path) as im:
             im.draft("L", (size, size))  # JPEG: decode at reduced scale when the file is much larger
@@ -149,7 +181,7 @@ def decode_image(path: Path, size: int) -> np.ndarray:
 
 
 def _components(rows: list[dict[str, str]]) -> list[str]:
-    """Group key per row: connected components of images sharing a patient_id or a dup_group."""
+    """Group key per row: connected components of images sharing a patient_id, dup_group or series_uid."""
     parent = list(range(len(rows)))
 
     def find(i: int) -> int:
@@ -160,11 +192,31 @@ def _components(rows: list[dict[str, str]]) -> list[str]:
 
     first: dict[tuple[str, str], int] = {}
     for i, row in enumerate(rows):
-        for col in ("patient_id", "dup_group"):
+        for col in ("patient_id", "dup_group", "series_uid"):
             if v := (row.get(col) or "").strip():
                 j = first.setdefault((col, v), i)
                 parent[find(i)] = find(j)
     return [f"g{find(i)}" for i in range(len(rows))]
+
+
+def _with_dicom_tags(root: Path, name: str, rows: list[dict[str, str]], workers: int) -> list[dict[str, str]]:
+    """Rows with ``patient_id`` and ``series_uid`` from DICOM headers where the manifest gives none."""
+    dicom = [i for i, r in enumerate(rows) if is_dicom(root / r["path"])]
+    if not dicom:
+        return rows
+    from fl_covid.dicom import dicom_tags
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        tags = list(pool.map(lambda i: dicom_tags(root / rows[i]["path"]), dicom))
+    rows = [dict(r) for r in rows]
+    for i, t in zip(dicom, tags):
+        for col, value in t.items():
+            if value and not (rows[i].get(col) or "").strip():
+                rows[i][col] = value
+    patients = {rows[i].get("patient_id") for i in dicom} - {"", None}
+    log.info("site '%s': %d DICOM files, %d patients and %d series among their ids", name, len(dicom),
+             len(patients), len({rows[i].get("series_uid") for i in dicom} - {"", None}))
+    return rows
 
 
 def _label_conflicts(rows: list[dict[str, str]]) -> set[int]:
@@ -185,8 +237,11 @@ def load_site(
     exclude_label_conflicts: bool = True,
     skip_unreadable: bool = False,
     workers: int = 4,
+    window: tuple[float, float] = DICOM_WINDOW,
 ) -> Site:
-    """Decode a site folder into memory at ``cache_size``; optionally a seeded subset of ``max_per_class``."""
+    """Decode a site folder into memory at ``cache_size``; optionally a seeded subset of ``max_per_class``.
+
+    ``window``: (width, level) in HU for DICOM files."""
     root = Path(root).expanduser().resolve()
     name = name or root.name
     if not root.is_dir():
@@ -196,6 +251,7 @@ def load_site(
         log.warning("site '%s': excluding %d images whose duplicate group has both labels: %s", name, len(bad),
                     ", ".join(rows[i]["path"] for i in sorted(bad)))
         rows = [r for i, r in enumerate(rows) if i not in bad]
+    rows = _with_dicom_tags(root, name, rows, workers)
     groups = _components(rows)
     if max_per_class:
         rng = np.random.default_rng(seed)
@@ -209,7 +265,7 @@ def load_site(
 
     def decode(row: dict[str, str]) -> np.ndarray | None:
         try:
-            return decode_image(root / row["path"], cache_size)
+            return decode_image(root / row["path"], cache_size, window)
         except DataError as e:
             if not skip_unreadable:
                 raise
@@ -339,7 +395,8 @@ def load_configured_site(config: "Config", index: int, root: str | Path | None =
     folder = Path(root) if root else config.resolved_data_root() / config.sites[index]
     site = load_site(folder, config.cache_size, name=config.sites[index], max_per_class=config.max_per_class,
                      seed=config.seed, exclude_label_conflicts=config.exclude_label_conflicts,
-                     skip_unreadable=config.skip_unreadable)
+                     skip_unreadable=config.skip_unreadable,
+                     window=(config.dicom_window_width, config.dicom_window_level))
     split = make_split(site, config.protocol, config.folds, config.fold, config.val_fraction, config.seed)
     log.info("site '%s': %d images, split train/val/test = %d/%d/%d (%s)", site.name, len(site),
              len(split.train), len(split.val), len(split.test), split.protocol)
