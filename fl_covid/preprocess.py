@@ -1,0 +1,204 @@
+"""Preprocessing that removes dataset cues: crop to the body, standardise intensity, augment against the cues.
+
+The two public sites differ in framing (figures cut from papers vs tight scanner crops), borders and padding,
+intensity windowing, resolution and JPEG history, and inside each site these differ between COVID and NonCOVID
+(``python -m fl_covid.experiments.audit``). These functions take those cues away or randomise them:
+
+- ``body_crop``: grey uint8 (H, W) -> the body's bounding box, padded to a square (aspect kept);
+- ``standardize``: grey uint8 (H, W) -> the body's 1st..99th intensity percentiles stretched to 0..255;
+- ``cue_augment``: uint8 batch (B, 1, S, S) -> the same batch with random scale, gamma / contrast, blur and
+  (optionally) JPEG re-compression, drawn from a ``torch.Generator``.
+
+The first two are NumPy functions for decoding time (one image, before the square resize); the third runs on
+cached batches like ``fl_covid.data.random_crops``. None of them is wired into training here.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy import ndimage
+
+MIN_BODY_AREA = 0.1  # a body mask covering less of the image than this is not trusted: keep the whole image
+BODY_PART = 0.25  # components at least this fraction of the largest belong to the body too
+MAX_BLUR_SIGMA = 1.5  # pixels of the batch, at strength 1
+MAX_SCALE = 0.2  # zoom factor in [1 - 0.2, 1 + 0.2] at strength 1
+MAX_LOG_GAMMA = 0.4
+MAX_LOG_CONTRAST = 0.3
+MAX_BRIGHTNESS = 0.08  # fraction of the grey range
+JPEG_QUALITY = (30, 95)  # quality range at strength 1; at strength s the lowest is 95 - s * 65
+APPLY_PROBABILITY = 0.5  # each operation touches an image with this probability, so no artefact marks a class
+
+
+def _check_grey(image: np.ndarray, name: str) -> np.ndarray:
+    img = np.asarray(image)
+    if img.ndim != 2 or img.dtype != np.uint8:
+        raise ValueError(f"{name} needs a grey uint8 (H, W) image, got {img.dtype} of shape {img.shape}")
+    return img
+
+
+def otsu_threshold(image: np.ndarray) -> int:
+    """Otsu's grey level for a uint8 image: the t maximising the between-class variance of {<= t} and {> t}."""
+    hist = np.bincount(np.asarray(image, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    p = hist / hist.sum()
+    omega = np.cumsum(p)  # weight of the class <= t
+    mu = np.cumsum(p * np.arange(256))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    return int(np.argmax(np.nan_to_num(between, nan=0.0, posinf=0.0)))
+
+
+def body_mask(image: np.ndarray) -> np.ndarray:
+    """The body in a grey uint8 (H, W) slice: (H, W) bool.
+
+    Pixels above Otsu's threshold, opened with a square of about 1% of the shorter side (breaks thin links to text,
+    arrows and the scanner table), the largest connected component together with every other component at least
+    BODY_PART of its size (a slice cut by the image edge falls apart into chest-wall pieces and the mediastinum),
+    holes (the lungs) filled. Empty when nothing is above the threshold (a constant image)."""
+    img = _check_grey(image, "body_mask")
+    fg = img > otsu_threshold(img)
+    r = max(1, round(0.01 * min(img.shape)))
+    fg = ndimage.binary_opening(fg, structure=np.ones((2 * r + 1, 2 * r + 1), dtype=bool))
+    labels, n = ndimage.label(fg)
+    if n == 0:
+        return fg
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = sizes >= BODY_PART * sizes.max()
+    return ndimage.binary_fill_holes(keep[labels])
+
+
+def _pad_square(image: np.ndarray, fill: int) -> np.ndarray:
+    h, w = image.shape
+    side = max(h, w)
+    out = np.full((side, side), fill, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = image
+    return out
+
+
+def body_crop(image: np.ndarray, margin: float = 0.02, min_area: float = MIN_BODY_AREA,
+              fill: int | None = None) -> np.ndarray:
+    """Crop a grey uint8 (H, W) slice to its body and pad it to a square: (H, W) -> (L, L) uint8, L <= max(H, W).
+
+    The box is the bounding box of ``body_mask`` plus ``margin`` x the longer side on every side (clipped to the
+    image); when the body covers less than ``min_area`` of the image the whole image is kept. The result is padded
+    to a square (crop centred) rather than stretched, so the loader's square resize keeps the aspect ratio and the
+    image's shape stops telling the source apart. Padding uses ``fill``, by default the image's 1st grey-level
+    percentile: the air level of a CT slice (black around the body, or the lungs when the body fills the frame),
+    so the padding looks like air on every site instead of copying a white figure margin or a grey frame back in.
+    """
+    img = _check_grey(image, "body_crop")
+    h, w = img.shape
+    mask = body_mask(img)
+    if mask.sum() >= min_area * h * w:
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        m = round(margin * max(h, w))
+        top, bottom = max(0, rows[0] - m), min(h, rows[-1] + 1 + m)
+        left, right = max(0, cols[0] - m), min(w, cols[-1] + 1 + m)
+    else:
+        top, bottom, left, right = 0, h, 0, w
+    if fill is None:
+        fill = int(np.percentile(img, 1))
+    return _pad_square(img[top:bottom, left:right], fill)
+
+
+def standardize(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Robust per-image intensity standardisation: grey uint8 (H, W) -> uint8 (H, W).
+
+    The ``low`` and ``high`` percentiles of the pixels inside ``body_mask`` (the whole image when the body is under
+    MIN_BODY_AREA of it) map linearly to 0 and 255, the rest is clipped. Any increasing linear change of the input's
+    grey levels (windowing, gain, offset) gives nearly the same output. A constant image is returned unchanged."""
+    img = _check_grey(image, "standardize")
+    if not 0 <= low < high <= 100:
+        raise ValueError(f"standardize needs 0 <= low < high <= 100, got low={low}, high={high}")
+    mask = body_mask(img)
+    values = img[mask] if mask.sum() >= MIN_BODY_AREA * img.size else img.ravel()
+    lo, hi = np.percentile(values, (low, high))
+    if hi - lo < 1:
+        return img.copy()
+    out = (img.astype(np.float32) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per image: x (B, 1, S, S) float, sigma (B,) px (0: unchanged)."""
+    b, _, s, _ = x.shape
+    radius = min(max(1, math.ceil(3 * float(sigma.max()))), s - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-t[None] ** 2 / (2 * sigma.clamp_min(1e-3)[:, None] ** 2))  # (B, 2R+1)
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    y = x.view(1, b, s, s)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="reflect"), kernel.view(b, 1, 1, -1), groups=b)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="reflect"), kernel.view(b, 1, -1, 1), groups=b)
+    return y.view(b, 1, s, s)
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("L"))
+
+
+def cue_augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
+                jpeg: bool = False) -> torch.Tensor:
+    """Randomise the cues of a uint8 batch (B, 1, S, S) -> uint8 (B, 1, S, S), on the batch's device.
+
+    Per image and each with probability APPLY_PROBABILITY, in this order: zoom by a factor in
+    [1 - 0.2 s, 1 + 0.2 s] about the centre (zoom-out pads with 0, black air); gamma exp(+-0.4 s), contrast
+    exp(+-0.3 s) about the image mean and a brightness shift of up to 0.08 s of the range; Gaussian blur with
+    sigma in [0, 1.5 s] px; with ``jpeg``, JPEG re-compression at a quality in [95 - 65 s, 95] (Pillow, per image,
+    on the CPU). ``s`` = ``strength`` in [0, 1]; 0 returns an unchanged copy.
+
+    All random numbers come from ``generator`` (a CPU generator) in a fixed amount per call, whether or not
+    ``jpeg`` is set, so a seeded generator gives the same batch on any device up to floating-point rounding.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"cue_augment needs a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"cue_augment strength must be in [0, 1], got {strength}")
+    b, _, s, _ = images.shape
+    u = torch.rand(b, 10, generator=generator, device=generator.device)
+    if strength == 0 or b == 0:
+        return images.clone()
+    apply = (u[:, :4] < APPLY_PROBABILITY).to(images.device)  # zoom, intensity, blur, jpeg
+    signed = (2 * u[:, 4:8] - 1).to(images.device)  # zoom, gamma, contrast, brightness in [-1, 1]
+    x = images.float() / 255.0
+
+    zoom = torch.where(apply[:, 0], 1 + MAX_SCALE * strength * signed[:, 0], torch.ones(b, device=x.device))
+    theta = torch.zeros(b, 2, 3, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / zoom
+    grid = F.affine_grid(theta, [b, 1, s, s], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    on = apply[:, 1].view(b, 1, 1, 1)
+    gamma = torch.exp(MAX_LOG_GAMMA * strength * signed[:, 1]).view(b, 1, 1, 1)
+    contrast = torch.exp(MAX_LOG_CONTRAST * strength * signed[:, 2]).view(b, 1, 1, 1)
+    shift = (MAX_BRIGHTNESS * strength * signed[:, 3]).view(b, 1, 1, 1)
+    y = x.clamp(0, 1) ** gamma
+    mean = y.mean(dim=(2, 3), keepdim=True)
+    y = ((y - mean) * contrast + mean + shift).clamp(0, 1)
+    x = torch.where(on, y, x)
+
+    sigma = MAX_BLUR_SIGMA * strength * u[:, 8].to(x.device) * apply[:, 2]
+    if bool((sigma > 0.05).any()):
+        x = torch.where((sigma > 0.05).view(b, 1, 1, 1), _gaussian_blur(x, sigma), x)
+
+    out = (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+    if jpeg:
+        low, high = JPEG_QUALITY
+        quality = (high - strength * (high - low) * u[:, 9]).round().to(torch.int64).tolist()
+        todo = [i for i in range(b) if bool(apply[i, 3])]
+        if todo:
+            cpu = out.cpu().numpy()
+            for i in todo:
+                cpu[i, 0] = _jpeg(cpu[i, 0], quality[i])
+            out = torch.from_numpy(cpu).to(images.device)
+    return out

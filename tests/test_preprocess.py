@@ -1,0 +1,159 @@
+"""Cue-removing preprocessing: body crop, intensity standardisation and cue augmentation, on synthetic slices with a
+known body and marks, and on real images from the embedded data."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fl_covid.preprocess import body_crop, body_mask, cue_augment, otsu_threshold, standardize
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+H, W = 180, 260
+ELLIPSE = (90, 130, 60, 100)  # centre row, centre column, semi-axes (rows, columns)
+
+
+def _slice(seed: int = 0, mark: bool = True, link: bool = False) -> np.ndarray:
+    """A CT-like slice: a textured tissue ellipse with two dark lungs on black air; optionally a bright text-like
+    block in the top-left corner, and a 1-px line linking it to the body."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:H, :W]
+    cy, cx, ry, rx = ELLIPSE
+    body = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+    img = np.where(body, rng.normal(170, 12, (H, W)), rng.normal(6, 2, (H, W)))
+    for lx in (cx - 45, cx + 45):
+        lung = ((yy - cy) / (0.7 * ry)) ** 2 + ((xx - lx) / 35) ** 2 <= 1
+        img = np.where(lung, rng.normal(45, 10, (H, W)), img)
+    if mark:
+        img[5:20, 5:40] = 255
+    if link:
+        img[12, 40:cx + 1] = 255
+        img[12:cy, cx] = 255
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _ellipse_box() -> tuple[int, int]:
+    _, _, ry, rx = ELLIPSE
+    return 2 * ry + 1, 2 * rx + 1
+
+
+def test_otsu_splits_a_bimodal_histogram():
+    img = np.concatenate([np.full(500, 30), np.full(300, 200)]).astype(np.uint8).reshape(40, 20)
+    assert 30 <= otsu_threshold(img) < 200
+
+
+@pytest.mark.parametrize("link", [False, True])
+def test_body_crop_drops_the_corner_mark_and_keeps_the_body(link: bool):
+    img = _slice(link=link)
+    mask = body_mask(img)
+    assert not mask[5:20, 5:40].any()  # the mark is not body, even when a thin line joins it to the body
+    cy, cx, _, _ = ELLIPSE
+    assert mask[cy, cx - 45] and mask[cy, cx + 45]  # lungs are inside the filled body
+    out = body_crop(img)
+    hb, wb = _ellipse_box()
+    margin = round(0.02 * W)
+    assert out.dtype == np.uint8 and out.shape[0] == out.shape[1]
+    assert wb <= out.shape[1] <= wb + 2 * margin + 2  # the longer side of the body box, not the image's 260
+    assert (out == 255).sum() <= link * W  # the corner block is gone (at most a piece of the linking line is left)
+    tissue = (img > 120) & (img < 250)
+    assert abs(int(((out > 120) & (out < 250)).sum()) - int(tissue.sum())) < 0.01 * tissue.sum()  # body intact
+    # aspect kept: the body box (hb x wb) sits inside the square; above and below it is padding at the air level
+    pad = (out.shape[0] - (hb + 2 * margin)) // 2
+    assert pad > 10 and out[:pad - 2].max() <= 15 and out[-(pad - 2):].max() <= 15
+
+
+def test_body_crop_falls_back_to_the_whole_image_and_fill_is_used():
+    img = np.full((60, 100), 5, np.uint8)
+    img[28:32, 48:52] = 200  # a 16-px "body": implausibly small
+    out = body_crop(img, fill=77)
+    assert out.shape == (100, 100)
+    assert np.array_equal(out[20:80], img) and (out[:20] == 77).all() and (out[80:] == 77).all()
+    const = np.full((30, 30), 9, np.uint8)
+    assert np.array_equal(body_crop(const), const)
+    with pytest.raises(ValueError, match="grey uint8"):
+        body_crop(img.astype(np.float32))
+
+
+def test_standardize_undoes_linear_intensity_changes():
+    img = _slice(mark=False)
+    f = img.astype(np.float64)
+    variants = [img, np.rint(0.6 * f + 50).astype(np.uint8), np.clip(np.rint(1.3 * f - 8), 0, 255).astype(np.uint8)]
+    outs = [standardize(v) for v in variants]
+    assert all(o.dtype == np.uint8 and o.shape == img.shape for o in outs)
+    for o in outs[1:]:
+        assert np.abs(o.astype(int) - outs[0].astype(int)).mean() < 2.0
+    assert np.abs(variants[1].astype(int) - img.astype(int)).mean() > 20  # the inputs really differ
+    body = body_mask(img)
+    lo, hi = np.percentile(outs[0][body], (1, 99))
+    assert lo <= 2 and hi >= 253  # the body spans the full range
+    const = np.full((20, 20), 40, np.uint8)
+    assert np.array_equal(standardize(const), const)
+    with pytest.raises(ValueError, match="low < high"):
+        standardize(img, 50, 10)
+
+
+def _batch(n: int = 12, size: int = 64) -> torch.Tensor:
+    imgs = [np.asarray(Image.fromarray(_slice(seed=i, mark=False)).resize((size, size))) for i in range(n)]
+    return torch.from_numpy(np.stack(imgs)).unsqueeze(1)
+
+
+@pytest.mark.parametrize("jpeg", [False, True])
+def test_cue_augment_is_deterministic_and_changes_pixels(jpeg: bool):
+    x = _batch()
+    a = cue_augment(x, torch.Generator().manual_seed(3), 1.0, jpeg=jpeg)
+    b = cue_augment(x, torch.Generator().manual_seed(3), 1.0, jpeg=jpeg)
+    c = cue_augment(x, torch.Generator().manual_seed(4), 1.0, jpeg=jpeg)
+    assert a.shape == x.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    changed = (a != x).flatten(1).float().mean(1)  # (B,) fraction of pixels changed per image
+    assert (changed > 0.2).sum() >= x.shape[0] // 2  # each operation hits about half of the images
+    assert torch.equal(x, _batch())  # the input is not modified
+
+
+def test_cue_augment_jpeg_adds_to_the_same_draws_and_strength_zero_is_identity():
+    x = _batch()
+    plain = cue_augment(x, torch.Generator().manual_seed(5), 1.0)
+    with_jpeg = cue_augment(x, torch.Generator().manual_seed(5), 1.0, jpeg=True)
+    same = [torch.equal(plain[i], with_jpeg[i]) for i in range(len(x))]
+    assert any(same) and not all(same)  # only the images drawn for re-compression differ
+    g = torch.Generator().manual_seed(6)
+    assert torch.equal(cue_augment(x, g, 0.0, jpeg=True), x)
+    with pytest.raises(ValueError, match="strength"):
+        cue_augment(x, g, 1.5)
+    with pytest.raises(ValueError, match="uint8"):
+        cue_augment(x.float(), g)
+    with pytest.raises(ValueError, match="uint8"):
+        cue_augment(x.expand(-1, 3, -1, -1), g)
+
+
+def test_cue_augment_weak_strength_changes_less():
+    x = _batch(16)
+    weak = cue_augment(x, torch.Generator().manual_seed(7), 0.2)
+    strong = cue_augment(x, torch.Generator().manual_seed(7), 1.0)
+    diff = [(y.int() - x.int()).abs().float().mean() for y in (weak, strong)]
+    assert 0 < diff[0] < diff[1]
+
+
+def test_real_images_from_the_embedded_data():
+    images = []
+    for site in ("site_a_sarscov2", "site_b_covidct"):
+        root = REPO_ROOT / "data" / site
+        with open(root / "manifest.csv", newline="", encoding="utf-8") as f:
+            row = next(r for r in csv.DictReader(f) if r["label"] == "NonCOVID")
+        img = np.asarray(Image.open(root / row["path"]).convert("L"))
+        crop = body_crop(img)
+        assert crop.dtype == np.uint8 and crop.shape[0] == crop.shape[1] <= max(img.shape)
+        # the crop keeps the whole body: as much body as in the full image (no resizing in between)
+        assert body_mask(crop).sum() >= 0.9 * body_mask(img).sum()
+        out = standardize(crop)
+        lo, hi = np.percentile(out[body_mask(out)], (1, 99))
+        assert lo <= 5 and hi >= 250
+        images.append(np.asarray(Image.fromarray(out).resize((64, 64))))
+    x = torch.from_numpy(np.stack(images)).unsqueeze(1)
+    a = cue_augment(x, torch.Generator().manual_seed(0), 1.0, jpeg=True)
+    assert torch.equal(a, cue_augment(x, torch.Generator().manual_seed(0), 1.0, jpeg=True))
