@@ -1,4 +1,5 @@
-"""Centralized baselines of the paper: Single, Joint, SepNorm and contrastive joint learning.
+"""Centralized baselines of the paper: Single, Joint, SepNorm, contrastive joint learning and the Table I
+comparators on the same backbone (Series / Parallel Adapter, MS-Net).
 
 ``fl-covid-central --config configs/default.yaml --method contrastive --set epochs=5`` trains on the pooled
 sites (or each site alone for ``single``) with the same engine as the federated client, evaluates every site on
@@ -22,7 +23,7 @@ from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_s
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
 from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
-from fl_covid.model import create_model, one_site_state
+from fl_covid.model import build_model, one_site_state
 from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
 from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, site_folder
 from fl_covid.site_model import model_card, save_site_model
@@ -35,8 +36,7 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
     """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site."""
     spec = METHODS[method]
     per_site_bn = spec.per_site_bn
-    model = create_model(config.arch, config.width, len(members) if per_site_bn else 1,
-                         image_size=config.image_size)
+    model = build_model(config, len(members) if per_site_bn else 1)
     optimizer = make_optimizer(model, config.lr)
     streams = {k: IndexStream(sites[k][1].train, torch.Generator().manual_seed(config.seed + k)) for k in members}
     aug_gen = torch.Generator().manual_seed(config.seed + 1000 + members[0])
@@ -59,6 +59,7 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
         stats = train_steps(
             model, optimizer, next_batch, steps_per_epoch, image_size=config.image_size, generator=aug_gen,
             alpha=alpha, temperature=config.temperature, grad_clip=config.grad_clip,
+            msnet=(config.msnet_temperature, config.msnet_weight),
             lr_at=lambda s: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
         )
         stats["seconds"] = time.perf_counter() - started  # training steps of the epoch, without validation

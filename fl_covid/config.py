@@ -96,6 +96,10 @@ class Config:
     optimizer_state: str = "keep"
     # FedProx's proximal term weight (methods with a proximal term)
     proximal_mu: float = 0.01
+    # MS-Net (methods with auxiliary branches): softmax temperature and weight of the distillation of the site's
+    # auxiliary branch into the universal head (the branches' own CE always has weight 1)
+    msnet_temperature: float = 2.0
+    msnet_weight: float = 0.5
     # server optimizer (fedadam, fedyogi: eta; fedavgm: server learning rate); 0 = the optimizer's usual value
     server_lr: float = 0.0
     server_momentum: float = 0.9  # fedavgm: momentum; fedadam / fedyogi: beta_1
@@ -153,6 +157,8 @@ class Config:
         need(self.prototypes_per_class == 1 or self.dp_epsilon == 0, "prototypes-per-class",
              "must be 1 with dp-epsilon > 0 (the DP guarantee covers class means, not clusters)")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+        need(self.msnet_temperature > 0, "msnet-temperature", "must be > 0")
+        need(self.msnet_weight >= 0, "msnet-weight", "must be >= 0 (0 = auxiliary branches without distillation)")
         need(self.server_lr >= 0, "server-lr", "must be >= 0 (0 = the server optimizer's usual value)")
         need(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
         need(self.server_tau > 0, "server-tau", "must be > 0")

@@ -2,7 +2,8 @@
 
 A step draws one chunk per site (``Chunk``: BN index, uint8 images, labels); each chunk goes through the model
 with its own BN, then CE over all logits + alpha * NT-Xent over all projections and the extra candidates
-(the other sites' prototypes in the federated protocol).
+(the other sites' prototypes in the federated protocol). A model with MS-Net's auxiliary branches adds their CE
+and the distillation of each image's site branch into the universal head.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def train_steps(
     grad_clip: float = 5.0,
     candidate_weight: float = 1.0,
     proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
+    msnet: tuple[float, float] = (2.0, 0.5),
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
@@ -99,6 +101,9 @@ def train_steps(
     ((P, D) vectors, (P,) labels), which are detached and count ``candidate_weight`` times each.
     ``proximal`` = (mu, reference): FedProx's term mu / 2 * ||w - w_ref||^2 over the named parameters of
     ``reference`` (the weights the round started from). ``lr_at(step)`` sets the learning rate per step.
+    ``msnet`` = (temperature T, weight w), used when the model has auxiliary branches (MS-Net, Liu et al. 2020):
+    each chunk's site branch adds CE on its images, and the universal head learns from it by distillation,
+    w * T^2 * KL(softmax(aux / T) || softmax(logits / T)), the branch's side detached (the teacher).
     ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
     crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
     the end (a non-finite loss is reported then, naming the steps it happened in).
@@ -107,6 +112,9 @@ def train_steps(
     use_cuda = device.type == "cuda"
     amp = use_cuda if amp is None else amp
     contrastive = NTXentLoss(temperature) if alpha > 0 else None
+    auxiliary = getattr(model, "auxiliary", None) is not None
+    if auxiliary and msnet[0] <= 0:
+        raise ValueError(f"msnet temperature must be > 0, got {msnet[0]}")
     cand = None
     if candidates is not None and contrastive is not None and len(candidates[0]):
         cand = (candidates[0].to(device), candidates[1].to(device))
@@ -125,12 +133,16 @@ def train_steps(
             set_lr(optimizer, lr_at(step))
         chunks = next_batch()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, projections, labels = [], [], []
+            logits, projections, labels, aux_logits = [], [], [], []
             for c in chunks:
                 x = to_input(to_device(random_crops(c.images, image_size, generator), device))
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                features = model.forward_features(x, c.site)
+                if auxiliary:
+                    features, aux_logit = model.forward_features_and_auxiliary(x, c.site)
+                    aux_logits.append(aux_logit)
+                else:
+                    features = model.forward_features(x, c.site)
                 logits.append(model.forward_head(features, c.site))
                 if contrastive is not None:
                     projections.append(model.project(features, c.site))
@@ -141,6 +153,8 @@ def train_steps(
         con = (contrastive(torch.cat(projections).float(), label, *(cand or (None, None)), candidate_weight)
                if contrastive is not None else torch.zeros((), device=device))
         loss = ce + alpha * con
+        if auxiliary:
+            loss = loss + msnet_loss(logit, torch.cat(aux_logits).float(), label, *msnet)
         if anchored:
             loss = loss + 0.5 * proximal[0] * sum(((p - r) ** 2).sum() for p, r in anchored)
         nonfinite |= ~torch.isfinite(loss.detach())
@@ -160,6 +174,19 @@ def train_steps(
     loss, ce, con, correct = sums.tolist()
     n = max(steps, 1)
     return {"loss": loss / n, "ce": ce / n, "con": con / n, "train_accuracy": correct / max(seen, 1)}
+
+
+def msnet_loss(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+               weight: float) -> torch.Tensor:
+    """MS-Net's auxiliary terms for classification: CE of the auxiliary branches plus ``weight`` times the
+    distillation T^2 * KL(softmax(aux / T) || softmax(logits / T)) (batch mean) of the universal head from each
+    image's site branch; the teacher side is detached. logits, aux_logits: (B, C); labels: (B,)."""
+    aux_ce = F.cross_entropy(aux_logits, labels)
+    if weight == 0:
+        return aux_ce
+    teacher = F.softmax(aux_logits.detach() / temperature, dim=1)
+    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
+    return aux_ce + weight * temperature ** 2 * kd
 
 
 @torch.no_grad()

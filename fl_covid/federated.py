@@ -4,8 +4,10 @@ A round has two steps at a site. At its start the site receives the global weigh
 them with its own BN, re-estimates its BN statistics under them (``bn-recalibration``), evaluates them on its
 validation split and test fold when an evaluation is due, and computes its prototypes in that network, so the
 prototype bank of a round lives in the network every site starts the round from. Then it *trains* from them.
-Shared weights are every float tensor except BatchNorm's (BN's too under FedAvg). A site's BN parameters and
-statistics, its optimizer state and the round it last completed stay with the site (``LocalState``).
+Shared weights are every float tensor except the site-specific ones (``local_keys``: BatchNorm's, and the
+adapters' and auxiliary branches' of the methods that have them); FedAvg shares BN too. A site's BN parameters and
+statistics, adapters, auxiliary branch, optimizer state and the round it last completed stay with the site
+(``LocalState``; its ``bn`` holds every site-specific tensor).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from fl_covid.config import Config
 from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.metrics import roc_on_grid
-from fl_covid.model import COVIDNet, bn_keys, create_model, load_partial
+from fl_covid.model import COVIDNet, bn_keys, build_model, load_partial, local_keys
 from fl_covid.observe import emit
 from fl_covid.privacy import private_prototypes
 from fl_covid.prototypes import PrototypeBank, class_prototypes
@@ -83,16 +85,19 @@ class Received:
 
 
 def shared_keys(model: COVIDNet, config: Config) -> list[str]:
-    """Names of the tensors a site sends and receives, in state-dict order: every float tensor but BN's (BN's too
-    when the method shares BN, FedAvg). BN's integer step counters never travel."""
-    local = set() if config.spec.shares_bn else bn_keys(model)
+    """Names of the tensors a site sends and receives, in state-dict order: every float tensor but the
+    site-specific ones (``local_keys``: BN, adapters, auxiliary branches, found by module type); BN's too when the
+    method shares BN (FedAvg), adapters and auxiliary branches never. BN's integer step counters never travel."""
+    local = local_keys(model)
+    if config.spec.shares_bn:
+        local -= bn_keys(model)
     return [k for k, v in model.state_dict().items() if k not in local and v.is_floating_point()]
 
 
 def initial_shared(config: Config) -> tuple[dict[str, torch.Tensor], int]:
     """The server's starting weights (seeded: the same subset the sites exchange) and the projection's width."""
     torch.manual_seed(derive(config.seed, "init"))
-    model = create_model(config.arch, config.width, 1, image_size=config.image_size)
+    model = build_model(config)
     state = model.state_dict()
     return {k: state[k] for k in shared_keys(model, config)}, model.proj_dim
 
@@ -119,7 +124,9 @@ class SiteRunner:
 
     def __init__(self, config: Config, site_id: int, site: Site, split: Split, device: torch.device) -> None:
         self.config, self.site_id, self.site, self.split, self.device = config, site_id, site, split, device
-        self.model = create_model(config.arch, config.width, 1, image_size=config.image_size)
+        with torch.random.fork_rng(devices=[]):  # site-specific layers start seeded (``init``), as the shared ones
+            torch.manual_seed(derive(config.seed, "init"))
+            self.model = build_model(config)
         self.keys = shared_keys(self.model, config)
         self.local_keys = set(self.model.state_dict()) - set(self.keys)
         state = self.model.state_dict()
@@ -206,6 +213,7 @@ class SiteRunner:
             alpha=cfg.alpha if spec.contrastive else 0.0, temperature=cfg.temperature, candidates=candidates,
             candidate_weight=cfg.prototype_weight, grad_clip=cfg.grad_clip, device=self.device,
             proximal=(cfg.proximal_mu, shared) if spec.proximal else None,
+            msnet=(cfg.msnet_temperature, cfg.msnet_weight),
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round)

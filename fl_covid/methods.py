@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm")
+ADAPTERS = ("none", "series", "parallel")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,12 @@ class Method:
     ``proximal``: FedProx's proximal term on the shared weights (weight ``proximal-mu``).
     ``server_optimizer``: how the server turns the sites' weights into the next global weights (Flower's FedAvg,
     FedAdam, FedYogi or FedAvgM, each averaging with the weights of ``fedavg-weights``).
+    ``adapter``: site-specific residual adapters on the stem and depthwise convolutions, "series" (Rebuffi et al.
+    2017) or "parallel" (Rebuffi et al. 2018); "none" for the plain backbone.
+    ``auxiliary``: MS-Net's site-specific auxiliary branches, trained with CE, distilled into the universal head
+    (weight ``msnet-weight``, temperature ``msnet-temperature``).
+    Adapters and auxiliary branches are kept per site like per-site BN: one copy per site in a pooled model,
+    never shared in a federation.
     """
 
     name: str
@@ -35,6 +42,13 @@ class Method:
     contrastive: bool = False
     proximal: bool = False
     server_optimizer: str = "fedavg"
+    adapter: str = "none"
+    auxiliary: bool = False
+
+    @property
+    def site_specific_layers(self) -> bool:
+        """Whether the network has site-specific layers besides BN (adapters, auxiliary branches)."""
+        return self.adapter != "none" or self.auxiliary
 
     def __post_init__(self) -> None:
         if self.server_optimizer not in SERVER_OPTIMIZERS:
@@ -43,6 +57,14 @@ class Method:
             raise ValueError(f"method {self.name}: prototypes are only used by the contrastive term")
         if self.federated and (self.pooled or self.per_site_bn):
             raise ValueError(f"method {self.name}: pooled / per_site_bn describe centralized methods")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"method {self.name}: adapter must be one of {ADAPTERS}")
+        if self.site_specific_layers and not self.federated and not (self.pooled and self.per_site_bn):
+            raise ValueError(f"method {self.name}: adapters / auxiliary branches are per site: a centralized method "
+                             "with them must be pooled with per_site_bn")
+        if self.site_specific_layers and self.shares_bn:
+            # a site restores its local tensors only when it keeps its BN (fl_covid.federated.SiteRunner._load)
+            raise ValueError(f"method {self.name}: adapters / auxiliary branches need the site's BN kept local")
 
 
 _ALL = (
@@ -60,6 +82,27 @@ _ALL = (
            per_site_bn=True),
     Method("contrastive", False, "Contrastive joint learning (the paper's method): SepNorm + NT-Xent over "
            "16 + 16 images per step", pooled=True, per_site_bn=True, contrastive=True),
+    Method("series-adapter", False, "Series Adapter (Rebuffi et al. 2017): SepNorm + a site-specific 1x1 "
+           "convolution after the stem and every depthwise convolution, in residual form", pooled=True,
+           per_site_bn=True, adapter="series"),
+    Method("parallel-adapter", False, "Parallel Adapter (Rebuffi et al. 2018): SepNorm + a site-specific 1x1 "
+           "convolution beside the stem and every depthwise convolution", pooled=True, per_site_bn=True,
+           adapter="parallel"),
+    Method("ms-net", False, "MS-Net (Liu et al. 2020) for classification: SepNorm + one auxiliary branch per "
+           "site on the stage-3 output (CE on its site's images), distilled into the universal head",
+           pooled=True, per_site_bn=True, auxiliary=True),
+    # The federated comparators exchange no prototypes: they are Table I's methods as published (joint learning
+    # without a cross-site term), so that the gap to fedbn-proto measures the contrastive term's contribution.
+    Method("fedbn-series-adapter", True, "FedBN + Series Adapter: BN and the series adapters stay at each site, "
+           "the rest is averaged; no prototype exchange (the published comparator has no cross-site term)",
+           adapter="series"),
+    Method("fedbn-parallel-adapter", True, "FedBN + Parallel Adapter: BN and the parallel adapters stay at each "
+           "site, the rest is averaged; no prototype exchange (the published comparator has no cross-site term)",
+           adapter="parallel"),
+    Method("fedbn-ms-net", True, "FedBN + MS-Net: BN and the site's auxiliary branch stay at the site, the "
+           "universal network and head are averaged and distilled from the site's branch during local training; "
+           "no prototype exchange (MS-Net transfers knowledge by distillation, not by a cross-site term)",
+           auxiliary=True),
 )
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
 FEDERATED_METHODS = tuple(m.name for m in _ALL if m.federated)

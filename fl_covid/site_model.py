@@ -1,4 +1,5 @@
-"""A site's complete trained model on disk: the weights it uses (shared weights + its own BN) and a model card.
+"""A site's complete trained model on disk: the weights it uses (shared weights + its own BN, adapters or auxiliary
+branch) and a model card.
 
 Layout, written by every site after a federated run's last round and by ``fl-covid-central`` for every site::
 
@@ -24,7 +25,7 @@ import torch
 
 from fl_covid.config import Config, ConfigError, load_config
 from fl_covid.data import CLASSES, Site, data_licence
-from fl_covid.model import COVIDNet, create_model, load_partial
+from fl_covid.model import COVIDNet, build_model, load_partial
 from fl_covid.reporting import atomic_write_bytes, write_json
 
 WEIGHTS_FILE = "model.pt"
@@ -100,7 +101,7 @@ def load_site_model(folder: str | Path) -> SiteModel:
     if card.get("format") != 1:
         raise ConfigError(f"{card_file}: unknown model card format {card.get('format')!r}")
     config = load_config(None, card["config"])
-    model = create_model(config.arch, config.width, 1, image_size=config.image_size)
+    model = build_model(config)  # the card's config names the method: its adapters / auxiliary branch come back
     state = torch.load(weights, map_location="cpu", weights_only=True)
     load_partial(model, state, set())
     return SiteModel(model.eval(), card, config)
