@@ -132,7 +132,14 @@ def summarise(msg: Message, context: Context) -> Message:
     config, node, runner, folder, server_round = _setup(context, msg)
     instruction = msg.content[R.CONFIG]
     evaluate_now, final = bool(instruction.get(R.EVALUATE)), bool(instruction.get(R.FINAL))
-    flat = R.read_weights(msg.content.get(R.WEIGHTS), R.layout_size(runner.layout), config.compression)
+    size = R.layout_size(runner.layout)
+    if R.BASE in instruction:  # int8: the change since the weights this site kept from its last summary
+        kept = Received.load(folder / RECEIVED)
+        if kept is None or R.weights_digest(kept.flat) != instruction[R.BASE]:
+            raise ValueError("the server sent a difference from weights this site does not hold")
+        flat = kept.flat + R.read_difference(msg.content.get(R.WEIGHTS), size)
+    else:
+        flat = R.read_weights(msg.content.get(R.WEIGHTS), size, config.compression)
     if not np.isfinite(flat).all():
         raise ValueError("the shared weights from the server contain NaN or Inf")
     noise = None
@@ -177,12 +184,21 @@ def train(msg: Message, context: Context) -> Message:
             raise ValueError(f"no weights of round {server_round} with the digest the server names")
         shared, bn = R.unflatten(received.flat, runner.layout), received.bn
     start = LocalState.load(folder / SITE_STATE, server_round - 1)
+    base = R.flatten(shared, runner.layout)
     shared, stats, local = runner.train(shared, bn, start, float(instruction[R.LR]), server_round,
                                         _received_bank(msg, config, runner))
+    trained = R.flatten(shared, runner.layout)
+    if config.compression == "int8":  # the change training made, with last round's quantisation error added
+        change = trained - base + (start.residual if start is not None and start.residual is not None else 0.0)
+        q, scales = R.quantize(change)
+        local.residual = change - R.dequantize(q, scales)
+        weights = R.difference_record(q, scales)
+    else:
+        weights = R.weights_record(trained, config.compression)
     local.save(folder / SITE_STATE, started_from=(start or LocalState()).provenance())
     prune_site_states(node.state_root(config), runner.site.name, node.policy.keep_runs)
     content = RecordDict({
-        R.WEIGHTS: R.weights_record(R.flatten(shared, runner.layout), config.compression),
+        R.WEIGHTS: weights,
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(runner.split.train), R.SITE_ID: runner.site_id, **stats}),
     })
     return Message(content=content, reply_to=msg)

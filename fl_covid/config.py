@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTOCOLS = ("grouped", "image", "official")
-COMPRESSIONS = ("none", "fp16")
+COMPRESSIONS = ("none", "fp16", "int8")
 FEDAVG_WEIGHTS = ("equal", "dataset")
 
 

@@ -42,20 +42,25 @@ class LocalState:
     bn: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     round: int = 0
+    residual: np.ndarray | None = None  # compression=int8: the quantisation error carried into the next update
 
     def save(self, folder: Path, **meta: Any) -> None:
         """Persist atomically (with extra JSON ``meta``) so that a restarted site resumes with its own BN."""
-        StateStore(folder).save({"bn": self.bn, "optimizer": self.optimizer}, {"round": self.round, **meta})
+        groups = {"bn": self.bn, "optimizer": self.optimizer}
+        if self.residual is not None:
+            groups["residual"] = {"flat": torch.from_numpy(np.asarray(self.residual, dtype=np.float32))}
+        StateStore(folder).save(groups, {"round": self.round, **meta})
 
     @staticmethod
     def load(folder: Path, max_round: int | None = None) -> "LocalState | None":
         """The newest saved state, or the newest of a round <= ``max_round``: a site asked to train round r
         after the server resumed from an earlier checkpoint must not start from its own aborted round r."""
-        loaded = StateStore(folder).load(("bn", "optimizer"), max_round)
+        loaded = StateStore(folder).load(("bn", "optimizer", "residual"), max_round)
         if loaded is None:
             return None
         tensors, meta = loaded
-        return LocalState(tensors.get("bn", {}), tensors.get("optimizer", {}), int(meta["round"]))
+        residual = tensors["residual"]["flat"].numpy() if "residual" in tensors else None
+        return LocalState(tensors.get("bn", {}), tensors.get("optimizer", {}), int(meta["round"]), residual)
 
     def provenance(self) -> dict[str, Any]:
         """What a round started from, for the site's records: the round and a digest of the BN tensors."""

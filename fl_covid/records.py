@@ -2,8 +2,11 @@
 
 Shared weights travel as ONE flat float32 vector (float16 under ``compression=fp16``): every shared tensor in the
 order of a ``Layout`` that both sides derive from the model. One array instead of one per tensor makes a message a
-handful of objects for Flower to move, whatever the model's depth. Whatever is received is judged from its
-metadata (serialisation, dtype, shape, byte size) before anything is decoded.
+handful of objects for Flower to move, whatever the model's depth. Under ``compression=int8`` both directions send
+int8 *differences* from weights the other side already holds (blocks of INT8_BLOCK values, one float32 scale
+each): the server the change of the global weights since the sites' last copy, a site the change its training
+made; each side carries its quantisation error into its next difference (error feedback). Whatever is received is
+judged from its metadata (serialisation, dtype, shape, byte size) before anything is decoded.
 
 The only module of the library that imports Flower.
 """
@@ -26,7 +29,9 @@ Layout = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of every share
 
 # RecordDict keys of messages
 WEIGHTS = "arrays"  # ArrayRecord holding FLAT: shared weights (BN included under fedavg)
-FLAT = "weights"  # the one array of a weights record
+FLAT = "weights"  # the one array of a weights record (int8 differences under compression=int8)
+SCALES = "scales"  # int8 differences: one float32 scale per INT8_BLOCK values
+INT8_BLOCK = 16384
 PROTOTYPES = "prototypes"  # ArrayRecord: prototype bank (server -> site) or a site's prototypes (site -> server)
 CONFIG = "config"  # ConfigRecord: server-round, lr, run-name
 METRICS = "metrics"  # MetricRecord of a reply
@@ -37,6 +42,7 @@ RUN_NAME = "run-name"  # names the run directory and each site's state folder; k
 EVALUATE = "evaluate"  # summary message: evaluate the received weights on the validation split and test fold
 FINAL = "final"  # summary message after the last round: evaluate, keep the final model
 DIGEST = "weights-sha256"  # train message without weights: train from the weights of this round's summary
+BASE = "base-sha256"  # summary under int8: the weights carry the difference from the weights of this digest
 # MetricRecord keys (identical on every site; the site is a number, never part of a name)
 NUM_EXAMPLES = "num-examples"
 WEIGHT = "aggregation-weight"  # set by the server on accepted replies, never taken from a site
@@ -89,10 +95,11 @@ def unflatten(flat: np.ndarray, layout: Layout) -> dict[str, torch.Tensor]:
 
 def encode(flat: np.ndarray, compression: str) -> np.ndarray:
     """Flat float32 weights for transfer (config key ``compression``): ``fp16`` halves the bytes (relative error at
-    most 2**-11); ``none`` sends them as they are."""
+    most 2**-11); ``none`` sends them as they are, and so does ``int8`` when whole weights must travel (a first
+    copy), which are then sent as float32."""
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS} (config key 'compression')")
-    if compression == "none":
+    if compression in ("none", "int8"):
         return flat
     peak = float(np.abs(flat).max()) if flat.size else 0.0
     if not peak <= float(np.finfo(np.float16).max):  # also catches NaN
@@ -101,7 +108,43 @@ def encode(flat: np.ndarray, compression: str) -> np.ndarray:
 
 
 def wire_dtype(compression: str) -> np.dtype:
+    """The dtype whole weights travel in."""
     return np.dtype(np.float16 if compression == "fp16" else np.float32)
+
+
+def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float values (N,) -> (int8 (N,), float32 scales (ceil(N / INT8_BLOCK),)): each block scaled so that its
+    largest magnitude maps to 127, rounded to nearest."""
+    n = len(values)
+    blocks = np.pad(values.astype(np.float32), (0, -n % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
+    scales = np.abs(blocks).max(axis=1) / 127.0
+    safe = np.where(scales > 0, scales, 1.0)[:, None]
+    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8).reshape(-1)[:n]
+    return q, scales.astype(np.float32)
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of ``quantize`` up to rounding: int8 (N,) and scales -> float32 (N,)."""
+    n = len(q)
+    blocks = np.pad(q.astype(np.float32), (0, -n % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
+    return (blocks * scales[:, None]).reshape(-1)[:n]
+
+
+def difference_record(q: np.ndarray, scales: np.ndarray) -> ArrayRecord:
+    """An int8 difference (``quantize``) as the record that carries it."""
+    return ArrayRecord({FLAT: Array(np.ascontiguousarray(q)), SCALES: Array(np.ascontiguousarray(scales))})
+
+
+def read_difference(record: object, size: int) -> np.ndarray:
+    """A received int8 difference record -> the float32 difference (N,), checked from the metadata first."""
+    if not isinstance(record, ArrayRecord) or set(record) != {FLAT, SCALES}:
+        keys = sorted(record)[:3] if isinstance(record, ArrayRecord) else type(record).__name__
+        raise ValueError(f"difference record must hold arrays '{FLAT}' and '{SCALES}', got {keys}")
+    q = checked_array(record, FLAT, (size,), (np.dtype(np.int8),))
+    scales = checked_array(record, SCALES, (-(-size // INT8_BLOCK),), (np.dtype(np.float32),))
+    if not np.isfinite(scales).all() or (scales < 0).any():
+        raise ValueError("difference scales must be finite and >= 0")
+    return dequantize(q, scales)
 
 
 def weights_record(flat: np.ndarray, compression: str = "none") -> ArrayRecord:
@@ -124,7 +167,7 @@ def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def as_received(flat: np.ndarray, compression: str) -> np.ndarray:
-    """The float32 weights a site holds after receiving ``flat`` sent with ``compression``."""
+    """The float32 weights a site holds after receiving whole weights ``flat`` sent with ``compression``."""
     return encode(flat, compression).astype(np.float32)
 
 

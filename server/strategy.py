@@ -64,6 +64,7 @@ class SitesMixin:
         self.dataset_sizes: dict[int, int] = {}  # site id -> num-examples of its first accepted training reply
         self.sent_flat = np.zeros(0, np.float32)  # the weights of the last train message: max-update-norm's reference
         self.summary = (0, "")  # (round, digest of the weights as the sites hold them) of the last summary message
+        self.held: np.ndarray | None = None  # the global weights as the sites hold them (float32), once sent
         self.sent: list[Message] = []  # messages of the last configure_* (the grid sets their ids on sending)
         self.on_row = on_row or (lambda kind, row: None)
         self.on_aggregated = on_aggregated or (lambda server_round, strategy: None)
@@ -93,7 +94,7 @@ class SitesMixin:
         prototypes under the received weights, or the weights of the round before are to be evaluated."""
         spec = self.config.spec
         return spec.prototypes or (self.config.bn_recalibration and not spec.shares_bn) \
-            or self.evaluation_due(server_round - 1)
+            or self.config.compression == "int8" or self.evaluation_due(server_round - 1)
 
     def _finish_messages(self, messages: Iterable[Message], weights: ArrayRecord | None, bank: bool) -> list[Message]:
         """Set the (encoded) weights or remove them, attach the prototype bank; the same content for every site."""
@@ -115,21 +116,32 @@ class SitesMixin:
         config[R.RUN_NAME], config[R.FINAL] = self.run_name, final
         config[R.EVALUATE] = self.evaluation_due(server_round - 1)
         flat = arrays[R.FLAT].numpy().astype(np.float32)  # server optimizers may hand back float64
-        self.summary = (server_round, R.weights_digest(R.as_received(flat, self.config.compression)))
+        compression = self.config.compression
+        if compression == "int8" and self.held is not None:  # the change since the sites' copy, error fed back
+            q, scales = R.quantize(flat - self.held)
+            config[R.BASE] = R.weights_digest(self.held)
+            weights, self.held = R.difference_record(q, scales), self.held + R.dequantize(q, scales)
+        else:
+            weights, self.held = R.weights_record(flat, compression), R.as_received(flat, compression)
+        self.summary = (server_round, R.weights_digest(self.held))
         messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._finish_messages(messages, R.weights_record(flat, self.config.compression), bank=False)
+        return self._finish_messages(messages, weights, bank=False)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
         """The train message: lr, run name, prototype bank, and the weights (or their digest after a summary)."""
         config[R.LR], config[R.RUN_NAME] = self.lr_for(server_round), self.run_name
-        self.sent_flat = arrays[R.FLAT].numpy().astype(np.float32)  # FedOpt keeps what it sent: float32
-        arrays = R.weights_record(self.sent_flat)
+        flat = arrays[R.FLAT].numpy().astype(np.float32)  # FedOpt keeps what it sent: float32
+        arrays = R.weights_record(flat)
         summarised = self.summary[0] == server_round
+        weights = None
         if summarised:
             config[R.DIGEST] = self.summary[1]
+        else:  # compression none or fp16: the weights travel with the train message
+            weights, self.held = R.weights_record(flat, self.config.compression), \
+                R.as_received(flat, self.config.compression)
+        self.sent_flat = self.held  # what every site trains from: the reference of replies and max-update-norm
         messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-        weights = None if summarised else R.weights_record(self.sent_flat, self.config.compression)
         return self._finish_messages(messages, weights, bank=self.config.spec.prototypes)
 
     # -- replies -------------------------------------------------------------------------------------------------
@@ -180,7 +192,10 @@ class SitesMixin:
             if R.WEIGHTS not in content:
                 return "no weights record", {}
             try:
-                flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
+                if self.config.compression == "int8":  # the change the site's training made
+                    flat = self.sent_flat + R.read_difference(content[R.WEIGHTS], self.size)
+                else:
+                    flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
             except ValueError as e:
                 return str(e), {}
             if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):

@@ -70,8 +70,8 @@ def test_a_record_of_the_other_compression_is_refused() -> None:
 
 
 def test_encode_refuses_what_it_cannot_represent() -> None:
-    with pytest.raises(ValueError, match="compression 'int8' is not one of"):
-        R.encode(np.zeros(2, np.float32), "int8")
+    with pytest.raises(ValueError, match="compression 'int4' is not one of"):
+        R.encode(np.zeros(2, np.float32), "int4")
     for bad in (np.array([1.0, np.nan], np.float32), np.array([1e5], np.float32)):
         with pytest.raises(ValueError, match="cannot be sent as fp16.*compression=none"):
             R.encode(bad, "fp16")
@@ -96,3 +96,44 @@ def test_federation_sends_fp16_both_ways_and_averages_in_float32(tmp_path: Path)
     averaged = R.flatten(saved.shared, R.layout_of(saved.shared))
     # averaged in float32 from the decoded replies (equal weights): closer than float16 could hold the mean
     np.testing.assert_allclose(averaged, (decoded[0] + decoded[1]) / 2, rtol=1e-6, atol=1e-9)
+
+
+def test_int8_quantisation_error_is_bounded_per_block() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1e-3, R.INT8_BLOCK), rng.normal(0, 10, R.INT8_BLOCK),
+                             np.zeros(7)]).astype(np.float32)
+    q, scales = R.quantize(values)
+    assert q.dtype == np.int8 and scales.shape == (3,) and scales[2] == 0
+    back = R.dequantize(q, scales)
+    for b in range(3):  # at most half a step of each block's own scale
+        block = slice(b * R.INT8_BLOCK, (b + 1) * R.INT8_BLOCK)
+        assert np.all(np.abs(back[block] - values[block]) <= scales[b] / 2 * (1 + 1e-5) + 1e-12)
+    record = R.difference_record(q, scales)
+    assert np.array_equal(R.read_difference(record, len(values)), back)
+    with pytest.raises(ValueError, match="has dtype"):
+        R.read_difference(R.difference_record(q.astype(np.int16), scales), len(values))
+
+
+def test_federation_sends_int8_differences_both_ways_with_error_feedback(tmp_path: Path) -> None:
+    """compression=int8: after a first whole copy, the server sends the change of the global weights since the
+    sites' copy and the sites the change their training made, both as int8 blocks; each side carries its
+    quantisation error into its next difference, so the weights the sites hold track the server's closely."""
+    grid = run_federation(tmp_path, method="fedbn-proto", overrides="compression=int8", **{"num-server-rounds": 3})
+    summaries = [m for m in grid.sent if m.metadata.message_type == "evaluate"]
+    first, later = summaries[:2], summaries[2:]
+    assert all(R.BASE not in m.content[R.CONFIG] and m.content[R.WEIGHTS][R.FLAT].numpy().dtype == np.float32
+               for m in first)
+    assert later and all(m.content[R.WEIGHTS][R.FLAT].numpy().dtype == np.int8 and R.BASE in m.content[R.CONFIG]
+                         for m in later)
+    for d in grid.deliveries:
+        if d.kind == "train":
+            assert d.reply.content[R.WEIGHTS][R.FLAT].numpy().dtype == np.int8
+    # the copy a site kept at the start of round 3 (received/) is within one quantisation step of the server's
+    # weights after round 2 (checkpoint.previous): the server's error went into its next difference
+    after_2 = ServerState.load(run_dir(tmp_path) / "checkpoint.previous")
+    assert after_2 is not None and after_2.round == 2
+    exact = R.flatten(after_2.shared, R.layout_of(after_2.shared))
+    kept = np.load(run_dir(tmp_path) / "site-site_a_sarscov2" / "received" / "weights.npz")["flat"]
+    assert kept.shape == exact.shape and 0 < np.abs(kept - exact).max() < 1e-3 * np.abs(exact).max()
+    residual = np.load(run_dir(tmp_path) / "site-site_a_sarscov2" / "state" / "residual.npz")["flat"]
+    assert residual.shape == exact.shape and np.abs(residual).max() > 0  # the site's error, for its next reply
