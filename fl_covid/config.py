@@ -85,6 +85,8 @@ class Config:
     prototypes_per_class: int = 1
     # each other site's prototype counts this many times among an anchor's contrastive pairs
     prototype_weight: float = 1.0
+    # the sites recompute their prototypes every k rounds (the bank of the last refresh is used in between)
+    prototype_every: int = 1
     # training images a site passes through the received model at the start of a round (0 = all): BN
     # re-estimation and prototypes
     summary_images: int = 256
@@ -151,6 +153,7 @@ class Config:
         need(self.min_prototype_images >= 1, "min-prototype-images", "must be >= 1")
         need(1 <= self.prototypes_per_class <= 16, "prototypes-per-class", "must be in [1, 16]")
         need(self.prototype_weight > 0, "prototype-weight", "must be > 0")
+        need(self.prototype_every >= 1, "prototype-every", "must be >= 1")
         need(self.summary_images >= 0, "summary-images", "must be >= 0 (0 = every training image)")
         need(self.eval_every >= 1, "eval-every", "must be >= 1")
         need(self.optimizer_state in ("keep", "reset"), "optimizer-state", "must be 'keep' or 'reset'")

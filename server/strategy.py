@@ -90,11 +90,12 @@ class SitesMixin:
                                       or server_round == self.config.num_server_rounds)
 
     def summary_needed(self, server_round: int) -> bool:
-        """Whether round ``server_round`` starts with a summary message: the sites re-estimate BN or compute
-        prototypes under the received weights, or the weights of the round before are to be evaluated."""
-        spec = self.config.spec
-        return spec.prototypes or (self.config.bn_recalibration and not spec.shares_bn) \
-            or self.config.compression == "int8" or self.evaluation_due(server_round - 1)
+        """Whether round ``server_round`` starts with a summary message: the prototypes are due (every
+        ``prototype-every`` rounds), the weights of the round before are to be evaluated, or the weights travel
+        as int8 differences (every round). BN statistics are re-estimated only there: training runs BN on batch
+        statistics, only evaluation and prototypes use the running ones."""
+        prototypes_due = self.config.spec.prototypes and (server_round - 1) % self.config.prototype_every == 0
+        return prototypes_due or self.config.compression == "int8" or self.evaluation_due(server_round - 1)
 
     def _finish_messages(self, messages: Iterable[Message], weights: ArrayRecord | None, bank: bool) -> list[Message]:
         """Set the (encoded) weights or remove them, attach the prototype bank; the same content for every site."""

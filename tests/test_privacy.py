@@ -114,9 +114,9 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
 def test_only_weights_counts_prototypes_and_aggregates_leave_a_site(method: str) -> None:
     grid, _ = shared_run(method)
     sizes, config = site_sizes(grid), federated_config(grid.run_config)
-    # a summary starts every round and ends the run; under fedavg round 1 needs none (no BN to re-estimate under
-    # the received weights, no prototypes, nothing to evaluate yet)
-    summaries = 2 if method == "fedavg" else 3
+    # a summary starts every round that needs prototypes or evaluates the round before, and ends the run: without
+    # prototypes round 1 needs none
+    summaries = 3 if method == "fedbn-proto" else 2
     assert len(grid.deliveries) == 2 * (2 + summaries)  # 2 sites x (2 trainings + the summaries)
     assert all(not d.reply.has_error() for d in grid.deliveries)
     for i, d in enumerate(grid.deliveries):
