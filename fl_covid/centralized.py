@@ -59,7 +59,7 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
         stats = train_steps(
             model, optimizer, next_batch, steps_per_epoch, image_size=config.image_size, generator=aug_gen,
             alpha=alpha, temperature=config.temperature, grad_clip=config.grad_clip,
-            msnet=(config.msnet_temperature, config.msnet_weight),
+            msnet=(config.msnet_temperature, config.msnet_weight), cue_strength=config.cue_augment,
             lr_at=lambda s: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
         )
         stats["seconds"] = time.perf_counter() - started  # training steps of the epoch, without validation

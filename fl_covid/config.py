@@ -15,11 +15,14 @@ from dataclasses import dataclass, fields
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
 
 from fl_covid.methods import FEDERATED_METHODS, METHODS, Method
+
+if TYPE_CHECKING:
+    from fl_covid.data import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,11 @@ class Config:
     # DICOM slices: window on Hounsfield units mapped to 8-bit grey (default: the lung window)
     dicom_window_width: float = 1500.0
     dicom_window_level: float = -600.0
+    # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square;
+    # robust per-image intensity standardisation; augmentation of zoom, contrast/gamma, blur (strength in [0, 1])
+    body_crop: bool = False
+    standardize: bool = False
+    cue_augment: float = 0.0
     # model and loss
     arch: str = "redesigned"
     width: float = 0.25
@@ -132,6 +140,7 @@ class Config:
         need(self.max_per_class >= 0, "max-per-class", "must be >= 0 (0 = all images)")
         need(0 < self.dicom_window_width < float("inf"), "dicom-window-width", "must be a finite number of HU > 0")
         need(abs(self.dicom_window_level) < float("inf"), "dicom-window-level", "must be a finite number of HU")
+        need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
         need(self.arch in ("redesigned", "covidnet"), "arch", "must be 'redesigned' or 'covidnet'")
         need(self.width > 0, "width", "must be > 0")
         need(self.alpha >= 0, "alpha", "must be >= 0")
@@ -198,6 +207,13 @@ class Config:
     def cache_size(self) -> int:
         """Side of the cached square images: image_size * 256 / 224, the SPEC's resize before a random crop."""
         return round(self.image_size * 256 / 224)
+
+    @property
+    def preprocessing(self) -> "Preprocessing":
+        """How files become cached images (DICOM window, body crop, standardisation)."""
+        from fl_covid.data import Preprocessing
+
+        return Preprocessing((self.dicom_window_width, self.dicom_window_level), self.body_crop, self.standardize)
 
     @property
     def effective_server_lr(self) -> float:

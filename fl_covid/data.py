@@ -146,18 +146,38 @@ def is_dicom(path: Path) -> bool:
     return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_marker(path))
 
 
-def decode_image(path: Path, size: int, window: tuple[float, float] = DICOM_WINDOW) -> np.ndarray:
-    """Read one image file as grey, resized (bilinear, antialiased) to ``size x size`` uint8; DataError if bad.
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
+    config): the DICOM lung ``window`` (width, level) in HU; ``body_crop``: crop to the body, padded square
+    (fl_covid.preprocess.body_crop); ``standardize``: robust per-image intensity standardisation."""
 
-    DICOM files go through ``fl_covid.dicom.read_dicom`` with ``window`` (width, level) in HU."""
+    window: tuple[float, float] = DICOM_WINDOW
+    body_crop: bool = False
+    standardize: bool = False
+
+
+def _finish(im: Image.Image, path: Path, size: int, prep: Preprocessing) -> np.ndarray:
+    """Grey image -> (cropped, standardised) ``size x size`` uint8."""
+    if min(im.size) < MIN_SIDE:
+        raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
+                        "remove it or supply the full-resolution slice")
+    if prep.body_crop or prep.standardize:
+        from fl_covid.preprocess import body_crop, standardize
+
+        a = np.asarray(im.convert("L"))
+        a = standardize(body_crop(a) if prep.body_crop else a) if prep.standardize else body_crop(a)
+        im = Image.fromarray(np.ascontiguousarray(a))
+    return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR, reducing_gap=2.0))
+
+
+def decode_image(path: Path, size: int, prep: Preprocessing = Preprocessing()) -> np.ndarray:
+    """Read one image file as grey, preprocess it (``prep``) and resize it (bilinear, antialiased) to
+    ``size x size`` uint8; DataError if bad. DICOM files go through ``fl_covid.dicom.read_dicom``."""
     if is_dicom(path):
         from fl_covid.dicom import read_dicom  # pydicom is imported only for DICOM files
 
-        im = Image.fromarray(read_dicom(path, *window)[0])
-        if min(im.size) < MIN_SIDE:
-            raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
-                            "remove it or supply the full-resolution slice")
-        return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=2.0))
+        return _finish(Image.fromarray(read_dicom(path, *prep.window)[0]), path, size, prep)
     try:
         with Image.open(path) as im:
             im.draft("L", (size, size))  # JPEG: decode at reduced scale when the file is much larger
@@ -169,10 +189,7 @@ def decode_image(path: Path, size: int, window: tuple[float, float] = DICOM_WIND
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
                 im = Image.alpha_composite(bg, im)
-            if min(im.size) < MIN_SIDE:
-                raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
-                                "remove it or supply the full-resolution slice")
-            return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR, reducing_gap=2.0))
+            return _finish(im, path, size, prep)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -237,11 +254,10 @@ def load_site(
     exclude_label_conflicts: bool = True,
     skip_unreadable: bool = False,
     workers: int = 4,
-    window: tuple[float, float] = DICOM_WINDOW,
+    prep: Preprocessing = Preprocessing(),
 ) -> Site:
-    """Decode a site folder into memory at ``cache_size``; optionally a seeded subset of ``max_per_class``.
-
-    ``window``: (width, level) in HU for DICOM files."""
+    """Decode a site folder into memory at ``cache_size`` (preprocessed by ``prep``); optionally a seeded subset
+    of ``max_per_class``."""
     root = Path(root).expanduser().resolve()
     name = name or root.name
     if not root.is_dir():
@@ -265,7 +281,7 @@ def load_site(
 
     def decode(row: dict[str, str]) -> np.ndarray | None:
         try:
-            return decode_image(root / row["path"], cache_size, window)
+            return decode_image(root / row["path"], cache_size, prep)
         except DataError as e:
             if not skip_unreadable:
                 raise
@@ -396,7 +412,7 @@ def load_configured_site(config: "Config", index: int, root: str | Path | None =
     site = load_site(folder, config.cache_size, name=config.sites[index], max_per_class=config.max_per_class,
                      seed=config.seed, exclude_label_conflicts=config.exclude_label_conflicts,
                      skip_unreadable=config.skip_unreadable,
-                     window=(config.dicom_window_width, config.dicom_window_level))
+                     prep=config.preprocessing)
     split = make_split(site, config.protocol, config.folds, config.fold, config.val_fraction, config.seed)
     log.info("site '%s': %d images, split train/val/test = %d/%d/%d (%s)", site.name, len(site),
              len(split.train), len(split.val), len(split.test), split.protocol)

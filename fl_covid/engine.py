@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_covid.data import eval_input, random_crops, to_input
+from fl_covid.preprocess import cue_augment
 from fl_covid.losses import NTXentLoss
 from fl_covid.metrics import binary_metrics
 
@@ -90,6 +91,7 @@ def train_steps(
     candidate_weight: float = 1.0,
     proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
     msnet: tuple[float, float] = (2.0, 0.5),
+    cue_strength: float = 0.0,
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
@@ -101,6 +103,7 @@ def train_steps(
     ((P, D) vectors, (P,) labels), which are detached and count ``candidate_weight`` times each.
     ``proximal`` = (mu, reference): FedProx's term mu / 2 * ||w - w_ref||^2 over the named parameters of
     ``reference`` (the weights the round started from). ``lr_at(step)`` sets the learning rate per step.
+    ``cue_strength`` > 0 randomises zoom, contrast / gamma and blur of the crops (fl_covid.preprocess.cue_augment).
     ``msnet`` = (temperature T, weight w), used when the model has auxiliary branches (MS-Net, Liu et al. 2020):
     each chunk's site branch adds CE on its images, and the universal head learns from it by distillation,
     w * T^2 * KL(softmax(aux / T) || softmax(logits / T)), the branch's side detached (the teacher).
@@ -135,7 +138,10 @@ def train_steps(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, projections, labels, aux_logits = [], [], [], []
             for c in chunks:
-                x = to_input(to_device(random_crops(c.images, image_size, generator), device))
+                crops = random_crops(c.images, image_size, generator)
+                if cue_strength > 0:  # zoom, contrast / gamma and blur against dataset-specific cues
+                    crops = cue_augment(crops, generator, cue_strength)
+                x = to_input(to_device(crops, device))
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if auxiliary:

@@ -218,7 +218,7 @@ class SiteRunner:
             alpha=cfg.alpha if spec.contrastive else 0.0, temperature=cfg.temperature, candidates=candidates,
             candidate_weight=cfg.prototype_weight, grad_clip=cfg.grad_clip, device=self.device,
             proximal=(cfg.proximal_mu, shared) if spec.proximal else None,
-            msnet=(cfg.msnet_temperature, cfg.msnet_weight),
+            msnet=(cfg.msnet_temperature, cfg.msnet_weight), cue_strength=cfg.cue_augment,
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round)

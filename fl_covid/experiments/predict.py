@@ -2,7 +2,7 @@
 
 ``fl-covid-predict --model RUN/site-NAME/model --input SCANS/ --out predictions.csv`` decodes every image under
 the inputs (PNG, JPEG, TIFF, BMP or DICOM; folders recursively, hidden files skipped) exactly as the model's
-training did (the model card's cache size, image size and DICOM window) and writes one row per image: ``path``,
+training did (the model card's cache size, image size, DICOM window and preprocessing) and writes one row per image: ``path``,
 ``prob_covid``, ``prediction`` (COVID when prob_covid >= the threshold: --threshold, else the card's), and
 ``patient_id`` / ``series_uid`` when DICOM tags or a ``manifest.csv`` (columns path, patient_id) in an input
 folder give them; the manifest's patient_id wins over the DICOM tag. With ids, ``<out stem>_patients.csv`` and
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from fl_covid.config import ConfigError
-from fl_covid.data import CLASSES, DataError, decode_image, eval_input, is_dicom, is_image_file
+from fl_covid.data import CLASSES, DataError, Preprocessing, decode_image, eval_input, is_dicom, is_image_file
 from fl_covid.engine import predict, recalibrate_bn, select_device
 from fl_covid.experiments.gradcam import grad_cam, plot_grid
 from fl_covid.reporting import write_csv
@@ -90,14 +90,14 @@ def manifest_patient_ids(inputs: Sequence[str | Path]) -> dict[Path, str]:
     return ids
 
 
-def decode_inputs(files: list[Path], cache_size: int, window: tuple[float, float], skip_unreadable: bool,
+def decode_inputs(files: list[Path], cache_size: int, prep: Preprocessing, skip_unreadable: bool,
                   workers: int = 4, show_progress: bool = True) -> tuple[list[Path], torch.Tensor, list[dict]]:
     """Decode ``files`` (the training preprocessing): kept paths, uint8 (N, 1, R, R) and DICOM tags per image.
 
     An unreadable file raises its DataError, or with ``skip_unreadable`` is logged and left out."""
     def one(path: Path) -> tuple[np.ndarray | None, dict]:
         try:
-            image = decode_image(path, cache_size, window)
+            image = decode_image(path, cache_size, prep)
         except DataError as e:
             if not skip_unreadable:
                 raise
@@ -170,7 +170,7 @@ def run_predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     files = find_inputs(inputs)
     if not files:
         raise NothingScored(f"nothing could be scored: no image files under {', '.join(map(str, inputs))}")
-    paths, images, tags = decode_inputs(files, cfg.cache_size, (cfg.dicom_window_width, cfg.dicom_window_level),
+    paths, images, tags = decode_inputs(files, cfg.cache_size, cfg.preprocessing,
                                         skip_unreadable, show_progress=show_progress)
     dev = select_device(device)
     if bn == "adapt":

@@ -121,7 +121,8 @@ def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | P
         raise ValueError(f"site '{site_name}' trained in run {run.dir} (its sites are {list(cfg.sites)}): its "
                          "images are not unseen; train without it (--set sites=...) or pass another site")
     site = load_site(folder, cfg.cache_size, name=site_name, max_per_class=max_per_class, seed=cfg.seed,
-                     exclude_label_conflicts=cfg.exclude_label_conflicts, skip_unreadable=cfg.skip_unreadable)
+                     exclude_label_conflicts=cfg.exclude_label_conflicts, skip_unreadable=cfg.skip_unreadable,
+                     prep=cfg.preprocessing)
     dev = select_device(device)
     model = model_for_unseen(run, bn, site, batch_size, dev)
     metrics, probs = evaluate(model, site.images, site.labels, 0, cfg.image_size, dev)
