@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PROTOCOLS = ("grouped", "image", "official")
+PROTOCOL_TEXT = {  # how each split protocol splits a site, for reports
+    "grouped": "stratified K-fold with every patient (Site B) and near-duplicate cluster (Site A) in one part "
+               "(StratifiedGroupKFold); validation carved from the training folds the same way",
+    "image": "stratified K-fold over single images, as in the paper (near-duplicate slices can leak between parts)",
+    "official": "the manifest's train/val/test split (one split; fold is ignored)",
+}
 COMPRESSIONS = ("none", "fp16", "int8")
 FEDAVG_WEIGHTS = ("equal", "dataset")
 

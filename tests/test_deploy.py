@@ -7,14 +7,14 @@ Checked, with every attack tried for real:
 - an outsider holding only ca.crt, at the hospitals' port, can neither list runs, register or unregister a node,
   nor start a run; an unregistered SuperNode is refused;
 - a run of an app the hospitals did not approve is refused by every site before any of its code runs;
-- a malicious operator's settings (a method the sites forbid, DP above their bound, oversize training, a config
-  file outside the app) are refused with a generic reason, and a compromised server that sends a traversal run
-  name writes nothing outside any state folder;
-- a malicious site that impersonates the other site, sends malformed replies and a forged log line is rejected
-  round after round while the run completes with the honest site (min-sites=1);
+- a malicious operator's settings (a method the sites forbid, DP off where they require it, oversize training, a
+  config file outside the app) are refused with a generic reason, and a compromised server that sends a
+  traversal run name writes nothing outside any state folder;
+- a registered participant turned malicious, which impersonates the sites, sends malformed prototypes and a
+  forged log line, is rejected round after round while the runs go on with the honest sites;
 - an uninterrupted run completes with both sites; a SuperNode killed after round 1 stops the run naming the site;
   after restarting it and resuming the server, each site continues from its own saved BN and the run ends with
-  bitwise the weights of the same federation run in one process (tests/inprocess.py).
+  bitwise the weights of the same federation run in one process (tests/inprocess.py), DP noise included.
 Every process started here is stopped by PID (with everything below it), also when a test fails.
 """
 
@@ -50,7 +50,9 @@ OPERATOR, OUTSIDER = "operator", "outsider"
 RUN_TIMEOUT = 900  # seconds for one run; about a minute on an idle 2-core machine
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
 SMOKE = {"config-file": "'configs/smoke.yaml'", "num-server-rounds": "2", "local-steps": "2"}
-POLICY = ("allowed-methods: [fedbn, fedbn-proto]\nmax-dp-epsilon: 2.0\nmax-rounds: 10\nmax-local-steps: 50\n"
+DP = "dp-epsilon=1.0"  # the sites require DP on their prototypes
+POLICY = ("allowed-methods: [fedbn, fedbn-proto]\nrequire-dp: true\nmax-dp-epsilon: 2.0\nmax-rounds: 10\n"
+          "max-local-steps: 50\n"
           "min-prototype-images: 2\nkeep-runs: 20\n")
 REFUSED = "run refused by the site's policy"
 FAILED = "the site could not complete this request"
@@ -288,7 +290,7 @@ class Federation:
         """Start `flwr run APP hospitals --stream` of the smoke config (plus ``values``) in the background."""
         pins = ",".join(f"{site}={self.node_ids[site]}" for site in SITES)
         config = {**SMOKE, "output-dir": f"'{self.out}'", **values}
-        config["overrides"] = f"'site-nodes={pins} {values.get('overrides', '').strip(chr(39))}'"
+        config["overrides"] = f"'site-nodes={pins} {values.get('overrides', DP).strip(chr(39))}'"
         log = self.root / f"run-{len(self.procs)}.log"
         proc = self.spawn(log, "flwr", "run", str(app), "hospitals", "--stream", "--run-config",
                           " ".join(f"{k}={v}" for k, v in config.items()))
@@ -449,15 +451,15 @@ def test_an_app_the_hospitals_did_not_approve_never_runs(federation: Federation,
 
 
 @pytest.mark.parametrize("values, reasons", [
-    ({"method": "'fedavg'", "local-steps": "1000000"},
+    ({"method": "'fedavg'", "local-steps": "1000000", "overrides": "''"},
      ("'fedavg' is not among allowed-methods", "local-steps 1000000 exceeds")),
-    ({"overrides": "'dp-epsilon=50 batch-size=1000'"}, ("dp-epsilon 50.0 per round exceeds", "batch-size 1000 exceeds")),
-], ids=["forbidden method, oversize training", "DP above the bound, oversize batches"])
+    ({"overrides": "'dp-epsilon=0 batch-size=1000'"}, ("(require-dp) but dp-epsilon is 0", "batch-size 1000 exceeds")),
+], ids=["forbidden method, oversize training", "DP off, oversize batches"])
 def test_a_run_breaking_the_sites_policy_is_refused(federation: Federation, values: dict, reasons: tuple) -> None:
     status, log, _ = federation.run_to_end(**{"num-server-rounds": "1", **values})
     assert status == "finished:failed" and log.count(REFUSED) == 2, log[-3000:]
     assert not any(r.split()[0] in line.split("failed:")[1] for r in reasons
-                   for line in re.findall(r"rejected training reply.*", log))
+                   for line in re.findall(r"rejected \w+ reply.*", log))
     for site in SITES:  # the reasons are in the site's own log
         text = federation.log(site).read_text()
         assert all(r in text for r in reasons), (site, reasons)
@@ -481,47 +483,46 @@ def test_a_compromised_server_cannot_write_outside_the_state_folders(federation:
     assert all("run name" in federation.log(s).read_text() for s in SITES)
 
 
-def test_a_malicious_site_is_rejected_and_the_run_goes_on(federation: Federation) -> None:
-    """A registered participant turns malicious: it claims to be site A, then site B, sends malformed prototypes
-    and a forged log line. Site A and B are pinned to their registered nodes (run-config key site-nodes)."""
-    rogue = federation.start_rogue(claims=SITE_B)
-    try:
-        federation.wait_online(len(SITES) + 1)
-        status, log, run_id = federation.run_to_end(**{"num-server-rounds": "2"})
-    finally:
-        stop(rogue)
-    assert status == "finished:completed", log[-4000:]
-    node = federation.node_ids["rogue"]
-    assert re.search(rf"round 1: rejected training reply of site \w+ \(node {node}\): site-id 0 belongs to another "
-                     "node", log), log[-4000:]
-    assert re.search(rf"round 2: rejected summary reply of site \w+ \(node {node}\): site-id 1 belongs to another "
-                     "node", log)
-    forged = [line for line in log.splitlines() if "FORGED" in line]
-    assert forged and all("rejected summary reply" in line and "\\n" in line for line in forged), forged
-    assert not re.search(r"^\S*\s*INFO flwr: FINAL", log, re.M)
-    check_results(federation.run_dir(run_id))  # both honest sites, every round
-    assert all(tensor_digest(load_tensors(federation.site_state(s, federation.run_dir(run_id).name) / "bn.npz"))
-               for s in SITES)
-
-
 @pytest.fixture(scope="module")
 def crashed_run(federation: Federation) -> dict:
     """A run in which Site B's SuperNode (with its SuperExec and any ClientApp) is killed with SIGTERM as soon as
     the server has checkpointed round 1: the SuperLink reports the node unavailable and, as min-sites is all
     sites, the run stops as failed. Site B's SuperNode is started again as a new process and the run is resumed
-    from its round-1 checkpoint."""
-    run_id, proc, log = federation.run()
-    checkpoint = federation.run_dir(run_id) / "checkpoint"
-    wait_for(lambda: round_of(checkpoint) >= 1, "the round-1 checkpoint", logs=(log,))
-    stop(federation.nodes[SITE_B])
-    failed = {"status": federation.finish(run_id, proc, log), "log": log.read_text(),
-              "final": (federation.run_dir(run_id) / "final_metrics.json").exists(), "checkpoint": round_of(checkpoint)}
-    wait_for(lambda: federation.node_ids[SITE_B] not in federation.online(), f"{SITE_B} offline", 180)
-    federation.start_node(SITE_B)
-    federation.wait_online()
-    federation.idle()
-    status, text, resumed_id = federation.run_to_end(resume=f"'{federation.run_dir(run_id)}'")
+    from its round-1 checkpoint. Throughout, a registered participant turned malicious (the rogue) takes part:
+    it claims to be site A, then site B, sends malformed prototypes and a forged log line."""
+    rogue = federation.start_rogue(claims=SITE_B)
+    try:
+        federation.wait_online(len(SITES) + 1)
+        run_id, proc, log = federation.run()
+        checkpoint = federation.run_dir(run_id) / "checkpoint"
+        wait_for(lambda: round_of(checkpoint) >= 1, "the round-1 checkpoint", logs=(log,))
+        stop(federation.nodes[SITE_B])
+        failed = {"status": federation.finish(run_id, proc, log), "log": log.read_text(),
+                  "final": (federation.run_dir(run_id) / "final_metrics.json").exists(),
+                  "checkpoint": round_of(checkpoint)}
+        wait_for(lambda: federation.node_ids[SITE_B] not in federation.online(), f"{SITE_B} offline", 180)
+        federation.start_node(SITE_B)
+        federation.wait_online(len(SITES) + 1)
+        federation.idle()
+        status, text, resumed_id = federation.run_to_end(resume=f"'{federation.run_dir(run_id)}'")
+    finally:
+        stop(rogue)
     return {"run_id": run_id, "failed": failed, "status": status, "log": text, "resumed_id": resumed_id}
+
+
+def test_a_malicious_participant_is_rejected_round_after_round(federation: Federation, crashed_run: dict) -> None:
+    """Site A and B are pinned to their registered nodes (site-nodes): every reply of the rogue is rejected,
+    its forged log line arrives quoted on one line, and the runs go on with the honest sites."""
+    node = federation.node_ids["rogue"]
+    first, resumed = crashed_run["failed"]["log"], crashed_run["log"]
+    assert re.search(rf"round 1: rejected training reply of site \w+ \(node {node}\): site-id 0 belongs to another "
+                     "node", first), first[-4000:]
+    assert re.search(rf"round 2: rejected summary reply of site \w+ \(node {node}\): site-id 1 belongs to another "
+                     "node", resumed), resumed[-4000:]
+    forged = [line for line in first.splitlines() if "FORGED" in line]
+    assert forged and all("rejected summary reply" in line and "\\n" in line for line in forged), forged
+    assert not re.search(r"^\S*\s*INFO flwr: FINAL", first + resumed, re.M)
+    assert crashed_run["status"] == "finished:completed"
 
 
 def test_a_lost_site_stops_the_run_with_a_clear_error(crashed_run: dict) -> None:
@@ -554,8 +555,10 @@ def test_resumed_deployment_matches_the_same_run_in_one_process(federation: Fede
     run_dir = federation.run_dir(crashed_run["run_id"])
     assert not federation.run_dir(crashed_run["resumed_id"]).exists()  # it continued in the original folder
     check_results(run_dir)
-    run_federation(tmp_path, **{"config-file": "configs/smoke.yaml", "num-server-rounds": 2, "local-steps": 2,
-                                "data-root": str(federation.data)})
+    for site in SITES:  # the same noise secrets: the same DP noise for the same run name and round
+        shutil.copyfile(federation.state_dir(site) / f".noise-secret-{site}", tmp_path / f".noise-secret-{site}")
+    run_federation(tmp_path, run_id=crashed_run["run_id"], overrides=DP, **{
+        "config-file": "configs/smoke.yaml", "num-server-rounds": 2, "local-steps": 2, "data-root": str(federation.data)})
     reference = load_tensors(inprocess_run_dir(tmp_path) / "checkpoint" / "shared.npz")
     resumed = load_tensors(run_dir / "checkpoint" / "shared.npz")
     assert resumed.keys() == reference.keys()

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fl_covid.experiments.report import ReportError, aggregate, find_run_dirs, load_results, main, paired_tests, write_report
+from fl_covid.experiments.report import (
+    ReportError, aggregate, find_run_dirs, holm, load_results, main, paired_tests, write_report,
+)
 from fl_covid.metrics import ROC_FPR_GRID
 from fl_covid.reporting import RunWriter
 
@@ -70,11 +72,23 @@ def test_paired_t_test_matches_hand_values(runs: Path) -> None:
     # t = 4.66667 / (5.50757 / sqrt 3) = 1.46760; with 2 degrees of freedom p = 1 - |t| / sqrt(t^2 + 2)
     t = (14 / 3) / (math.sqrt(91 / 3) / math.sqrt(3))
     assert auc["mean_diff"] == pytest.approx(14 / 3)
-    assert auc["t"] == pytest.approx(1.46760, abs=1e-5) and auc["t"] == pytest.approx(t)
-    assert auc["p"] == pytest.approx(1 - t / math.sqrt(t * t + 2)) and auc["p"] == pytest.approx(0.27992, abs=1e-5)
+    assert auc["p_plain"] == pytest.approx(1 - t / math.sqrt(t * t + 2)) and auc["p_plain"] == pytest.approx(
+        0.27992, abs=1e-5)
+    # Nadeau-Bengio, 4-fold splits (test/train 1/(K-1) = 1/3): variance x (1/3 + 1/3) instead of x 1/3
+    t_nb = (14 / 3) / math.sqrt((1 / 3 + 1 / 3) * 91 / 3)
+    assert auc["t"] == pytest.approx(t_nb) and auc["p"] == pytest.approx(1 - t_nb / math.sqrt(t_nb ** 2 + 2))
+    assert auc["p"] > auc["p_plain"]
     # accuracy differs by exactly 10 points in every pair: no variance, so no t statistic
     assert tests["accuracy"]["mean_diff"] == pytest.approx(10.0)
     assert math.isnan(tests["accuracy"]["t"]) and math.isnan(tests["accuracy"]["p"])
+
+
+def test_holm_adjustment_matches_hand_values() -> None:
+    # sorted 0.01, 0.02, 0.04 of m = 3: 0.03, max(0.03, 0.04), max(0.04, 0.04); NaN untouched and not counted
+    adjusted = holm([0.04, 0.01, float("nan"), 0.02])
+    assert adjusted[1] == pytest.approx(0.03) and adjusted[3] == pytest.approx(0.04)
+    assert adjusted[0] == pytest.approx(0.04) and math.isnan(adjusted[2])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
 
 
 def test_report_files_published_column_and_statements(runs: Path, tmp_path: Path) -> None:

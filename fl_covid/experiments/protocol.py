@@ -28,7 +28,7 @@ from typing import Any
 
 from fl_covid.centralized import run_central
 from fl_covid.config import (
-    PROTOCOLS, Config, ConfigError, load_config, parse_overrides, project_root, resolve_config_file, to_json,
+    PROTOCOL_TEXT, PROTOCOLS, Config, ConfigError, load_config, parse_overrides, project_root, resolve_config_file, to_json,
 )
 from fl_covid.data import DataError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
@@ -40,12 +40,6 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_FILE = "protocol.json"
 ENGINES = ("inprocess", "flower")
-PROTOCOL_TEXT = {
-    "grouped": "stratified K-fold with every patient (Site B) and near-duplicate cluster (Site A) in one part "
-               "(StratifiedGroupKFold); validation carved from the training folds the same way",
-    "image": "stratified K-fold over single images, as in the paper (near-duplicate slices can leak between parts)",
-    "official": "the manifest's train/val/test split (one split; fold is ignored)",
-}
 # settings that do not change what a run learns: a finished fold-run with other values is still reused
 REUSE_IGNORES = frozenset({"output-dir", "device", "num-threads", "resume", "site-nodes"})
 MODEL_SELECTION = ("none: the last epoch (centralized) or round (federated) is evaluated on the test fold; the "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from fl_covid.metrics import ROC_FPR_GRID  # noqa: E402
-from fl_covid.experiments.protocol import PROTOCOL_TEXT  # noqa: E402
+from fl_covid.config import PROTOCOL_TEXT  # noqa: E402
 from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, atomic_write_bytes, save_figure, write_csv  # noqa: E402
 
 OURS = "fedbn-proto"
@@ -67,6 +68,7 @@ class SiteResult:
     roc_tpr: tuple[float, ...] | None
     exclude_label_conflicts: bool | None
     trained_sites: tuple[str, ...]
+    folds: int = 4  # K of the run's K-fold split
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -102,7 +104,8 @@ def load_results(run_dir: Path) -> list[SiteResult]:
     roc = final.get("roc_tpr", {})
     return [SiteResult(run_dir, method, arch, label, setting, protocol, int(final["fold"]), int(final["seed"]),
                        site, {k: float(m[k]) for k, _ in TABLE_METRICS},
-                       tuple(roc[site]) if site in roc else None, config.get("exclude-label-conflicts"), trained)
+                       tuple(roc[site]) if site in roc else None, config.get("exclude-label-conflicts"), trained,
+                       int(config.get("folds", 4)))
             for site, m in final["sites"].items()]
 
 
@@ -141,13 +144,34 @@ def aggregate(results: list[SiteResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_tests(results: list[SiteResult], ours: str = OURS) -> list[dict[str, Any]]:
-    """``ttest_rel`` of ours against each other method per setting, protocol, site and metric, paired by
-    (fold, seed).
+def corrected_ttest(diffs: np.ndarray, test_train_ratio: float) -> tuple[float, float]:
+    """Nadeau & Bengio's corrected resampled t-test (Machine Learning 52, 2003) of paired differences from J
+    resampled train/test splits: t = mean / sqrt((1/J + n_test/n_train) * var), J - 1 degrees of freedom.
+    Splits of repeated K-fold cross-validation share training data, so the plain paired t-test (1/J alone)
+    understates the variance. Returns (t, two-sided p); NaN with fewer than 2 pairs or zero variance."""
+    j = len(diffs)
+    if j < 2 or np.ptp(diffs) == 0:
+        return float("nan"), float("nan")
+    t = float(np.mean(diffs) / np.sqrt((1 / j + test_train_ratio) * np.var(diffs, ddof=1)))
+    return t, float(2 * stats.t.sf(abs(t), j - 1))
 
-    Differences are ours minus other, in percentage points; t and p are NaN with fewer than 2 pairs or when
-    every difference is equal (zero variance).
-    """
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN stays NaN and is not counted)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [float("nan")] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def paired_tests(results: list[SiteResult], ours: str = OURS) -> list[dict[str, Any]]:
+    """Ours against each other method per setting, protocol, site and metric, paired by (fold, seed): the mean
+    difference (ours minus other, percentage points), the plain paired t-test (``p_plain``), Nadeau & Bengio's
+    corrected t-test (``t``, ``p``; test/train ratio 1/(K-1) of K-fold), and ``p_holm``: ``p`` adjusted by Holm
+    over every test of the report. t and p are NaN with fewer than 2 pairs or when every difference is equal."""
     by: dict[tuple[str, str, str, str], dict[tuple[int, int], SiteResult]] = {}
     for r in results:
         by.setdefault(_key(r), {})[(r.fold, r.seed)] = r
@@ -159,16 +183,17 @@ def paired_tests(results: list[SiteResult], ours: str = OURS) -> list[dict[str, 
             if (s2, p2, site2) != (setting, protocol, site) or other == ours:
                 continue
             pairs = sorted(set(mine) & set(theirs))
+            folds = max((mine[p].folds for p in pairs), default=2)
             for metric, _ in TABLE_METRICS:
-                a = np.array([100 * mine[p].metrics[metric] for p in pairs])
-                b = np.array([100 * theirs[p].metrics[metric] for p in pairs])
-                t, p = (float("nan"), float("nan"))
-                if len(pairs) >= 2 and np.ptp(a - b) > 0:
-                    res = stats.ttest_rel(a, b)
-                    t, p = float(res.statistic), float(res.pvalue)
+                d = np.array([100 * (mine[p].metrics[metric] - theirs[p].metrics[metric]) for p in pairs])
+                t, p = corrected_ttest(d, 1 / max(folds - 1, 1))
+                plain = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) >= 2 and np.ptp(d) > 0 else float("nan")
                 out.append({"setting": setting, "protocol": protocol, "site": site, "metric": metric,
                             "ours": ours, "other": other, "n_pairs": len(pairs),
-                            "mean_diff": float(np.mean(a - b)) if pairs else float("nan"), "t": t, "p": p})
+                            "mean_diff": float(np.mean(d)) if pairs else float("nan"), "t": t, "p": p,
+                            "p_plain": plain})
+    for test, adjusted in zip(out, holm([t["p"] for t in out])):
+        test["p_holm"] = adjusted
     return out
 
 
@@ -224,15 +249,17 @@ def markdown(results: list[SiteResult], rows: list[dict[str, Any]], tests: list[
         for site, auc in per_site.items():
             lines.append(f"| {PUBLISHED_TEXT[key]} | {site} | {auc:.2f} |")
     lines += ["", f"## Paired t-tests: {OURS} (ours) vs each method", "",
-              "`scipy.stats.ttest_rel` over runs paired by (fold, seed); difference = ours - other in percentage "
-              "points; n/a: fewer than 2 pairs or identical differences.", ""]
+              "Runs paired by (fold, seed); difference = ours - other in percentage points. t and p: Nadeau & Bengio's "
+              "corrected resampled t-test (variance scaled by 1/J + 1/(K-1): K-fold splits share training data); "
+              "p Holm: p adjusted by Holm over every test of this report; p plain: the uncorrected paired t-test, "
+              "for reference. n/a: fewer than 2 pairs or identical differences.", ""]
     if tests:
-        lines += ["| Setting | Protocol | Site | Metric | Other | pairs | mean diff | t | p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| Setting | Protocol | Site | Metric | Other | pairs | mean diff | t | p | p Holm | p plain |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in tests:
             lines.append(f"| {t['setting']} | {t['protocol']} | {t['site']} | {t['metric']} | {t['other']} | "
-                         f"{t['n_pairs']} | "
-                         f"{t['mean_diff']:+.2f} | {t['t']:.3f} | {_fmt_p(t['p'])} |")
+                         f"{t['n_pairs']} | {t['mean_diff']:+.2f} | {t['t']:.3f} | {_fmt_p(t['p'])} | "
+                         f"{_fmt_p(t['p_holm'])} | {_fmt_p(t['p_plain'])} |")
     else:
         lines.append(f"No t-tests: no `{OURS}` runs, or no other method in the same setting.")
     return "\n".join(lines) + "\n"
