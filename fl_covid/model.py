@@ -336,15 +336,6 @@ def one_site_state(model: COVIDNet, site: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-def split_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split the state dict into (shared, local): site-specific tensors (``local_keys``) stay local under FedBN."""
-    local_names = local_keys(model)
-    state = model.state_dict()
-    shared = {k: v for k, v in state.items() if k not in local_names}
-    local = {k: v for k, v in state.items() if k in local_names}
-    return shared, local
-
-
 def load_partial(model: nn.Module, tensors: dict[str, torch.Tensor], expect_missing: set[str]) -> None:
     """Load ``tensors`` non-strictly and check that exactly ``expect_missing`` was left out."""
     res = model.load_state_dict(tensors, strict=False)

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
 
-from fl_covid.model import PEPX, STAGE_BLOCKS, bn_keys, create_model, load_partial, split_state
+from fl_covid.model import PEPX, STAGE_BLOCKS, bn_keys, create_model, load_partial, local_keys
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +196,13 @@ def test_bn_keys_select_by_type_not_name() -> None:
                 for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
     assert keys == expected
     assert not any(k.startswith("bn.") for k in keys)
+
+
+def split_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(shared, local) tensors of ``model``'s state dict, local ones by ``local_keys``."""
+    local = local_keys(model)
+    state = model.state_dict()
+    return {k: v for k, v in state.items() if k not in local}, {k: v for k, v in state.items() if k in local}
 
 
 def test_split_state_partitions_state_dict() -> None:

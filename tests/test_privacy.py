@@ -13,7 +13,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-from fl_covid import records as R
 from fl_covid.config import Config, federated_config
 from fl_covid.data import load_configured_site
 from fl_covid.federated import shared_keys

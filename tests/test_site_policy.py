@@ -34,7 +34,7 @@ def refused_run(tmp_path: Path, caplog: pytest.LogCaptureFixture, node_config: d
                 ) -> tuple[list[str], list[str]]:
     """Run one round that both sites must refuse: (what the server logged of the sites, what the sites logged)."""
     with caplog.at_level(logging.INFO), pytest.raises(NotEnoughSites):
-        grid = run_federation(tmp_path, node_config=node_config, **{"num-server-rounds": 1, **values})
+        run_federation(tmp_path, node_config=node_config, **{"num-server-rounds": 1, **values})
     server = [r.getMessage() for r in caplog.records if r.name == "server.strategy" and "rejected" in r.getMessage()]
     site = [r.getMessage() for r in caplog.records if r.name == "clients.client_app"]
     assert not list(tmp_path.glob("*/site-*/state"))  # nothing trained, no state saved
