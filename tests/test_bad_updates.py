@@ -253,7 +253,7 @@ def test_too_few_sound_replies_stop_the_run(case: str) -> None:
 def test_sound_replies_are_averaged_with_the_weights_the_server_computes() -> None:
     config, replies = real_replies()
     expected = (flat(replies[0]).astype(np.float64) + flat(replies[1])) / 2  # equal weights: same steps
-    arrays, _ = strategy_for(config, min_sites=2).aggregate_train(1, replies)
+    arrays, _ = strategy_for(config, min_sites=2, fedavg_weights="equal").aggregate_train(1, replies)
     assert np.allclose(arrays[R.FLAT].numpy(), expected, atol=1e-6)
 
 

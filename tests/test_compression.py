@@ -78,15 +78,16 @@ def test_encode_refuses_what_it_cannot_represent() -> None:
 
 
 def test_federation_sends_fp16_both_ways_and_averages_in_float32(tmp_path: Path) -> None:
-    """Real ServerApp and ClientApps (in process, over Flower's wire format), fedbn, one round, fp16."""
-    grid = run_federation(tmp_path, method="fedbn", overrides="compression=fp16", **{"num-server-rounds": 1})
+    """Real ServerApp and ClientApps (in process, over Flower's wire format), fedbn, two rounds, fp16."""
+    grid = run_federation(tmp_path, method="fedbn", overrides="compression=fp16 fedavg-weights=equal",
+                          **{"num-server-rounds": 2, "eval-every": 1})
     float16 = np.dtype(np.float16)
     for msg in grid.sent:  # server -> site: the summaries carry the weights, the train messages their digest
         if R.WEIGHTS in msg.content:
             assert msg.content[R.WEIGHTS][R.FLAT].numpy().dtype == float16
-    summary = grid.delivery(0, 1, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy()
-    assert grid.delivery(0, 1).message.content[R.CONFIG][R.DIGEST] == R.weights_digest(summary.astype(np.float32))
-    replies = [d.reply for d in grid.deliveries if d.kind == "train"]
+    summary = grid.delivery(0, 2, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy()
+    assert grid.delivery(0, 2).message.content[R.CONFIG][R.DIGEST] == R.weights_digest(summary.astype(np.float32))
+    replies = [d.reply for d in grid.deliveries if d.kind == "train" and d.round == 2]
     assert len(replies) == 2
     for reply in replies:  # site -> server
         assert reply.content[R.WEIGHTS][R.FLAT].numpy().dtype == float16

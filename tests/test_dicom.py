@@ -393,6 +393,7 @@ def test_configured_window_reaches_the_decoded_site(tmp_path: Path) -> None:
                                     "dicom-window-width": width, "dicom-window-level": level, "image-size": 32})
         site, _ = load_configured_site(config, 0)
         images.append(site.images)
-        expected = decode_image(tmp_path / "site" / site.paths[0], config.cache_size, (width, level))
+        expected = decode_image(tmp_path / "site" / site.paths[0], config.cache_size, config.preprocessing)
+        assert config.preprocessing.window == (width, level)
         np.testing.assert_array_equal(site.images[0, 0].numpy(), expected)
     assert not np.array_equal(images[0].numpy(), images[1].numpy())

@@ -65,8 +65,8 @@ def engine_probs(model_dir: Path, paths: list[Path], adapt: bool = False) -> np.
     """P(COVID) straight from the engine on the same files, decoded with the card's preprocessing."""
     site_model = load_site_model(model_dir)
     cfg = site_model.config
-    window = (cfg.dicom_window_width, cfg.dicom_window_level)
-    images = torch.from_numpy(np.stack([decode_image(p, cfg.cache_size, window) for p in paths])).unsqueeze(1)
+    images = torch.from_numpy(np.stack([decode_image(p, cfg.cache_size, cfg.preprocessing) for p in paths]))
+    images = images.unsqueeze(1)
     if adapt:
         recalibrate_bn(site_model.model, images, cfg.image_size, batch_size=64)
     return predict(site_model.model, images, 0, cfg.image_size, 64)[0]

@@ -1,0 +1,1 @@
+"""Speed, overhead, memory and transfer sizes of fl-covid, measured side by side (bench/README.md)."""
