@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, site_folder
 from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
 from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
@@ -25,7 +26,6 @@ from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import build_model, one_site_state
 from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
-from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, site_folder
 from fl_covid.site_model import model_card, save_site_model
 
 log = logging.getLogger(__name__)

@@ -11,11 +11,12 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cache
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -215,7 +216,7 @@ class Config:
         return round(self.image_size * 256 / 224)
 
     @property
-    def preprocessing(self) -> "Preprocessing":
+    def preprocessing(self) -> Preprocessing:
         """How files become cached images (DICOM window, body crop, standardisation)."""
         from fl_covid.data import Preprocessing
 
@@ -248,7 +249,7 @@ class Config:
         return {f.name.replace("_", "-"): (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in fields(self)}
 
-    def replace(self, **overrides: Any) -> "Config":
+    def replace(self, **overrides: Any) -> Config:
         """A copy with kebab-case or snake_case overrides applied and validated."""
         return _build({**self.to_dict(), **overrides})
 
@@ -370,7 +371,7 @@ FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", 
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _warn_once(message: str) -> None:
     """Log a warning once per process (clients parse the run config for every message)."""
     log.warning(message)

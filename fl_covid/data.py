@@ -13,8 +13,8 @@ import csv
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -406,7 +406,7 @@ class IndexStream:
         return out
 
 
-def load_configured_site(config: "Config", index: int, root: str | Path | None = None) -> tuple[Site, Split]:
+def load_configured_site(config: Config, index: int, root: str | Path | None = None) -> tuple[Site, Split]:
     """Site number ``index`` of ``config.sites`` (under ``root`` or the config's data root) and its split."""
     folder = Path(root) if root else config.resolved_data_root() / config.sites[index]
     site = load_site(folder, config.cache_size, name=config.sites[index], max_per_class=config.max_per_class,

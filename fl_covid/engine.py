@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_covid.data import eval_input, random_crops, to_input
-from fl_covid.preprocess import cue_augment
 from fl_covid.losses import NTXentLoss
 from fl_covid.metrics import binary_metrics
+from fl_covid.preprocess import cue_augment
 
 
 @dataclass(frozen=True)
@@ -245,6 +245,49 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, image_size: int, site
         for m, momentum in zip(layers, momenta):
             m.momentum = momentum
         model.eval()
+
+
+def entropy_adapt_bn(model: nn.Module, images: torch.Tensor, image_size: int, steps: int = 10, lr: float = 1e-3,
+                     batch_size: int = 64, seed: int = 0, device: torch.device | str = "cpu") -> list[float]:
+    """Test-time adaptation by entropy minimisation (Tent, Wang et al., ICLR 2021) on a new site's unlabelled
+    uint8 images (N, 1, R, R): BN statistics re-estimated on the images (``recalibrate_bn``), then ``steps`` Adam
+    steps on the BN affine parameters only, each minimising the mean prediction entropy of a seeded random batch
+    of ``batch_size`` images (BN on batch statistics, eval transform, site 0), then the statistics re-estimated
+    under the adapted parameters. Every other weight is untouched; the model is left in eval mode. Returns the
+    mean entropy (nats) of each step's batch."""
+    if len(images) < 2:
+        raise ValueError("entropy adaptation needs at least 2 images")
+    if steps < 1 or lr <= 0:
+        raise ValueError(f"entropy adaptation needs steps >= 1 and lr > 0, got steps={steps}, lr={lr}")
+    dev = torch.device(device)
+    recalibrate_bn(model, images, image_size, batch_size=batch_size, device=dev)
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
+    affine = [p for m in layers for p in (m.weight, m.bias)]
+    trainable = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in affine:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(affine, lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    entropies = []
+    try:
+        for m in layers:
+            m.train()
+        for _ in range(steps):
+            batch = images[torch.randperm(len(images), generator=generator)[:max(2, batch_size)]]
+            logits = model.forward_head(model.forward_features(eval_input(to_device(batch, dev), image_size), 0), 0)
+            entropy = -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            entropy.backward()
+            optimizer.step()
+            entropies.append(float(entropy.detach()))
+    finally:
+        for p, flag in trainable.items():
+            p.requires_grad_(flag)
+        model.eval()
+    recalibrate_bn(model, images, image_size, batch_size=batch_size, device=dev)
+    return entropies
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, site: int, image_size: int,

@@ -52,7 +52,7 @@ class LocalState:
         StateStore(folder).save(groups, {"round": self.round, **meta})
 
     @staticmethod
-    def load(folder: Path, max_round: int | None = None) -> "LocalState | None":
+    def load(folder: Path, max_round: int | None = None) -> LocalState | None:
         """The newest saved state, or the newest of a round <= ``max_round``: a site asked to train round r
         after the server resumed from an earlier checkpoint must not start from its own aborted round r."""
         loaded = StateStore(folder).load(("bn", "optimizer", "residual"), max_round)
@@ -81,7 +81,7 @@ class Received:
                                 {"round": self.round})
 
     @staticmethod
-    def load(folder: Path) -> "Received | None":
+    def load(folder: Path) -> Received | None:
         loaded = StateStore(folder).load(("weights", "bn"))
         if loaded is None:
             return None

@@ -27,7 +27,7 @@ def binary_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float = 0.5
         "precision": float(precision_score(labels, pred, zero_division=0)),
         "specificity": float(recall_score(labels, pred, pos_label=0, zero_division=0)),
         "auc": float(roc_auc_score(labels, probs)),
-        "n": int(len(labels)),
+        "n": len(labels),
     }
 
 

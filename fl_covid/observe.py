@@ -8,15 +8,16 @@ production, where ``emit`` costs one empty loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 Observer = Callable[[str, dict[str, Any]], None]
 _observers: list[Observer] = []
 
 
 def emit(event: str, **payload: Any) -> None:
-    for observer in list(_observers):
+    for observer in _observers:
         observer(event, payload)
 
 

@@ -27,17 +27,17 @@ class PrototypeBank:
     counts: torch.Tensor
 
     @staticmethod
-    def empty(dim: int) -> "PrototypeBank":
+    def empty(dim: int) -> PrototypeBank:
         z = torch.zeros(0, dtype=torch.int64)
         return PrototypeBank(torch.zeros(0, dim), z, z.clone(), z.clone())
 
     @staticmethod
-    def of_site(site_id: int, vectors: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> "PrototypeBank":
+    def of_site(site_id: int, vectors: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> PrototypeBank:
         """One site's prototypes (vectors (P, D), labels (P,), counts (P,)) as a bank."""
         return PrototypeBank(vectors.float(), labels.long(), torch.full((len(labels),), site_id, dtype=torch.int64),
                              counts.long())
 
-    def merge(self, newer: "PrototypeBank") -> "PrototypeBank":
+    def merge(self, newer: PrototypeBank) -> PrototypeBank:
         """This bank with every site present in ``newer`` replaced by its rows there (sites absent keep theirs)."""
         keep = ~torch.isin(self.sites, newer.sites)
         parts = [(self.vectors[keep], self.labels[keep], self.sites[keep], self.counts[keep]),

@@ -14,7 +14,7 @@ The only module of the library that imports Flower.
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -202,7 +202,7 @@ def checked_array(record: ArrayRecord, name: str, shape: tuple[int, ...], dtypes
         raise ValueError(f"array {name} holds {len(arr.data)} bytes, not the {nbytes} its shape and dtype need")
     try:
         a = arr.numpy()
-    except Exception as e:  # noqa: BLE001 - whatever numpy makes of foreign bytes
+    except Exception as e:
         raise ValueError(f"array {name} cannot be decoded ({type(e).__name__})") from e
     if a.dtype != dtype or a.shape != dims:
         raise ValueError(f"array {name} decodes to {a.dtype} {a.shape}, not the {dtype} {dims} it declares")

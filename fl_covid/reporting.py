@@ -12,15 +12,16 @@ import os
 import secrets
 import tempfile
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from fl_covid.metrics import METRIC_NAMES, ROC_FPR_GRID  # noqa: E402
+from fl_covid.metrics import METRIC_NAMES, ROC_FPR_GRID
 
 FINAL_METRICS = "final_metrics.json"
 HISTORY_CSV = "metrics.csv"

@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -63,7 +63,7 @@ def model_card(config: Config, site: Site, train_indices: Any, *, run: str, meth
         "data_licences": {name: data_licence(name, site.root if name == site.name else None)
                           for name in config.sites},
         "fl_covid_version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

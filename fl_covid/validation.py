@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 

@@ -11,7 +11,7 @@ one row per site and phase to ``on_row``.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -52,7 +52,7 @@ class SitesMixin:
 
     def __init__(self, *, config: Config, run_name: str, size: int, proj_dim: int,
                  on_row: Callable[[str, Row], None] | None = None,
-                 on_aggregated: Callable[[int, "SitesMixin"], None] | None = None, **flower: object) -> None:
+                 on_aggregated: Callable[[int, SitesMixin], None] | None = None, **flower: object) -> None:
         need = config.min_sites_required
         super().__init__(min_train_nodes=need, min_evaluate_nodes=need, min_available_nodes=need,  # type: ignore[call-arg]
                          arrayrecord_key=R.WEIGHTS, configrecord_key=R.CONFIG, weighted_by_key=R.WEIGHT,

@@ -13,11 +13,12 @@ from __future__ import annotations
 import atexit
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from flwr.app import Context, Message, RecordDict
@@ -34,7 +35,7 @@ RUN_ID = 4242
 SMOKE = {"config-file": "configs/smoke.yaml", "local-steps": 3}
 
 Tamper = Callable[[int, Message], Message | None]
-__all__ = ["wire", "copy_context", "Delivery", "RecordingGrid", "run_federation", "run_dir", "shared_run"]
+__all__ = ["Delivery", "RecordingGrid", "copy_context", "run_dir", "run_federation", "shared_run", "wire"]
 
 
 def copy_context(context: Context) -> Context:
@@ -148,7 +149,7 @@ def run_dir(output_dir: Path) -> Path:
     return dirs[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def shared_run(method: str, rounds: int = 2) -> tuple[RecordingGrid, Path]:
     """A two-site smoke federation of ``method``, run once per test session and shared read-only by tests;
     returns the grid and the output folder."""

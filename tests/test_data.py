@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import read_manifest, write_manifest
-
 from fl_covid.data import (
-    CLASSES, MEAN, STD, DataError, IndexStream, Site, Split, augment, check_no_leak, decode_image, eval_input,
-    load_site, make_split,
+    CLASSES,
+    MEAN,
+    STD,
+    DataError,
+    IndexStream,
+    Site,
+    Split,
+    augment,
+    check_no_leak,
+    decode_image,
+    eval_input,
+    load_site,
+    make_split,
 )
+from tests.conftest import read_manifest, write_manifest
 
 MakeSite = Callable[..., Path]
 LABEL_CONFLICTS = {"COVID/kjr-21-e24-p5-29.jpg", "COVID/kjr-21-e24-p5-31.jpg", "NonCOVID/71_0.jpg",

@@ -36,11 +36,12 @@ from pathlib import Path
 import pytest
 
 from fl_covid.checkpoint import load_tensors, tensor_digest
-from fl_covid.metrics import METRIC_NAMES
-from tests.conftest import SITE_A, SITE_B
 from fl_covid.config import project_root
 from fl_covid.experiments.federation import free_port
-from tests.inprocess import run_dir as inprocess_run_dir, run_federation
+from fl_covid.metrics import METRIC_NAMES
+from tests.conftest import SITE_A, SITE_B
+from tests.inprocess import run_dir as inprocess_run_dir
+from tests.inprocess import run_federation
 
 pytestmark = pytest.mark.slow
 
@@ -520,7 +521,7 @@ def test_a_malicious_participant_is_rejected_round_after_round(federation: Feder
                      "node", resumed), resumed[-4000:]
     forged = [line for line in first.splitlines() if "FORGED" in line]
     assert forged and all("rejected summary reply" in line and "\\n" in line for line in forged), forged
-    assert not re.search(r"^\S*\s*INFO flwr: FINAL", first + resumed, re.M)
+    assert not re.search(r"^\S*\s*INFO flwr: FINAL", first + resumed, re.MULTILINE)
     assert crashed_run["status"] == "finished:completed"
 
 

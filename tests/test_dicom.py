@@ -25,15 +25,21 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    UID, CTImageStorage, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
-    JPEG2000Lossless, JPEGBaseline8Bit, RLELossless, generate_uid,
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    RLELossless,
+    generate_uid,
 )
-
-from tests.conftest import write_manifest
 
 from fl_covid.config import Config, load_config
 from fl_covid.data import CLASSES, DataError, check_no_leak, decode_image, load_configured_site, load_site, make_split
 from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH, dicom_tags, read_dicom
+from tests.conftest import write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MR_SMALL = ("MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_RLE.dcm",

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scipy import optimize, stats
 import torch
 import torch.nn.functional as F
+from scipy import optimize, stats
 
 from fl_covid import records as R
 from fl_covid.config import ConfigError, load_config
 from fl_covid.privacy import (
-    noise_generator,
+    PrivacyLedger,
     clip_rows,
     gaussian_sigma,
+    noise_generator,
     noisy_class_sums,
-    PrivacyLedger,
     privacy_report,
     private_prototypes,
 )

@@ -15,10 +15,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from fl_covid.centralized import run_central
 from fl_covid.config import load_config, project_root
 from fl_covid.data import DataError, Site, eval_input, load_site, make_split
-from fl_covid.metrics import METRIC_NAMES
-from fl_covid.model import bn_keys, create_model, one_site_state
+from fl_covid.engine import entropy_adapt_bn
 from fl_covid.experiments.trained import TrainedRun
 from fl_covid.experiments.unseen import average_bn, evaluate_unseen, main, model_for_unseen
+from fl_covid.metrics import METRIC_NAMES
+from fl_covid.model import bn_keys, create_model, one_site_state
 
 SITE_A, SITE_B = "site_a_sarscov2", "site_b_covidct"
 DATA = project_root() / "data"
@@ -85,6 +86,34 @@ def test_adapt_re_estimates_statistics_from_the_new_images(loso_run: Path) -> No
     assert not model.training
 
 
+def test_tent_moves_only_bn_affine_parameters_and_lowers_the_entropy(loso_run: Path) -> None:
+    run = TrainedRun.load(loso_run)
+    site = load_site(DATA / SITE_B, run.config.cache_size, max_per_class=12, seed=0)
+    adapted = model_for_unseen(run, "adapt", site, batch_size=24)
+    model = run.model(run.site_bn(SITE_A))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    entropies = entropy_adapt_bn(model, site.images, run.config.image_size, steps=30, lr=0.01, batch_size=24)
+    assert len(entropies) == 30 and entropies[-1] < entropies[0]  # full batches: the objective itself goes down
+    bn = bn_keys(model)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and changed <= bn  # nothing outside BN moves
+    assert any(k.endswith(".weight") for k in changed) and any(k.endswith(".running_mean") for k in changed)
+    assert all(p.requires_grad for p in model.parameters()) and not model.training
+    x = eval_input(site.images, run.config.image_size)
+    with torch.no_grad():
+        def entropy(m: torch.nn.Module) -> float:
+            q = m.forward_head(m.forward_features(x, 0), 0).softmax(1)
+            return float(-(q * q.clamp_min(1e-12).log()).sum(1).mean())
+        assert entropy(model) < entropy(adapted)  # in eval mode too, below plain statistics re-estimation
+    again = run.model(run.site_bn(SITE_A))  # seeded: the same batches, the same parameters
+    entropy_adapt_bn(again, site.images, run.config.image_size, steps=30, lr=0.01, batch_size=24)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="at least 2 images"):
+        entropy_adapt_bn(model, site.images[:1], run.config.image_size)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        entropy_adapt_bn(model, site.images, run.config.image_size, steps=0)
+
+
 def test_average_bn_is_the_elementwise_mean() -> None:
     a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
     b = {"w": torch.tensor([3.0, 6.0]), "n": torch.tensor(5)}
@@ -115,6 +144,9 @@ def test_cli_and_its_errors(loso_run: Path, tmp_path: Path, capsys: pytest.Captu
     assert json.loads((out / "final_metrics.json").read_text())["sites"][SITE_B]["n"] == 24
     assert main([*args, "--bn", "median"]) == 2
     assert main([*args, "--bn", "site:nowhere"]) == 2
+    assert main([*args, "--bn", "tent:0"]) == 2
+    assert main([*args, "--bn", "tent:3"]) == 0
+    assert json.loads((out / "final_metrics.json").read_text())["bn"] == "tent:3"
     # a training site is not unseen: its images include the run's training folds
     assert main(["--run", str(loso_run), "--data", str(DATA / SITE_A), "--bn", "average"]) == 2
     assert "not unseen" in capsys.readouterr().err

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fl_covid.metrics import METRIC_NAMES
 from fl_covid.experiments.federation import FlowerCLI, pids_mentioning
+from fl_covid.metrics import METRIC_NAMES
 
 
 @pytest.mark.slow

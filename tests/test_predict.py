@@ -15,15 +15,14 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import write_manifest
-from tests.test_dicom import phantom, write_slice
-
 from fl_covid.centralized import run_central
 from fl_covid.config import load_config
 from fl_covid.data import decode_image
 from fl_covid.engine import predict, recalibrate_bn
 from fl_covid.experiments.predict import main
 from fl_covid.site_model import load_site_model
+from tests.conftest import write_manifest
+from tests.test_dicom import phantom, write_slice
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SITE_B = REPO_ROOT / "data" / "site_b_covidct"

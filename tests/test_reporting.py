@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from fl_covid.experiments.report import (
-    ReportError, aggregate, find_run_dirs, holm, load_results, main, paired_tests, write_report,
+    ReportError,
+    aggregate,
+    find_run_dirs,
+    holm,
+    load_results,
+    main,
+    paired_tests,
+    write_report,
 )
 from fl_covid.metrics import ROC_FPR_GRID
 from fl_covid.reporting import RunWriter

@@ -15,11 +15,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from clients import client_app
-
 from fl_covid import records as R
 from fl_covid.config import ConfigError, SitePolicy, load_config, load_site_policy, parse_node_config
 from server.strategy import NotEnoughSites
 from tests.inprocess import copy_context, run_dir, run_federation, shared_run, wire
+
 
 def call_site(msg: Message, context: Context) -> Message:
     """The real ClientApp on a copy of a site's context; its exception (what the server would learn) propagates."""

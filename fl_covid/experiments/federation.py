@@ -25,8 +25,9 @@ import tempfile
 import time
 import tomllib
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
@@ -109,7 +110,7 @@ class LocalGrid(Grid):
     def call(msg: Message, context: Context) -> Message:
         try:
             return client_app.app(msg, context)
-        except Exception as ex:  # noqa: BLE001 - the SuperNode turns any ClientApp exception into a reply
+        except Exception as ex:
             log.exception("ClientApp raised an exception")
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(ex)}:<'{ex}'>"), reply_to=msg)
 
@@ -181,7 +182,7 @@ class FlowerCLI:
             "RAY_DEDUP_LOGS": "0",
         }
 
-    def __enter__(self) -> "FlowerCLI":
+    def __enter__(self) -> FlowerCLI:
         return self
 
     def __exit__(self, *exc: object) -> None:

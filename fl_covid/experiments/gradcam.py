@@ -10,22 +10,22 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-from fl_covid.config import ConfigError  # noqa: E402
-from fl_covid.data import CLASSES, MEAN, STD, DataError, Site, Split, eval_input, load_configured_site  # noqa: E402
-from fl_covid.reporting import save_figure  # noqa: E402
-from fl_covid.experiments.trained import TrainedRun  # noqa: E402
+from fl_covid.config import ConfigError
+from fl_covid.data import CLASSES, MEAN, STD, DataError, Site, Split, eval_input, load_configured_site
+from fl_covid.experiments.trained import TrainedRun
+from fl_covid.reporting import save_figure
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,15 @@ from typing import Any
 
 from fl_covid.centralized import run_central
 from fl_covid.config import (
-    PROTOCOL_TEXT, PROTOCOLS, Config, ConfigError, load_config, parse_overrides, project_root, resolve_config_file, to_json,
+    PROTOCOL_TEXT,
+    PROTOCOLS,
+    Config,
+    ConfigError,
+    load_config,
+    parse_overrides,
+    project_root,
+    resolve_config_file,
+    to_json,
 )
 from fl_covid.data import DataError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
@@ -148,7 +157,7 @@ def execute(plan: Plan, r: FoldRun) -> FoldRun:
             r.detail = "" if r.run_dir else "the run ended without final metrics of every site"
         else:
             _flower(plan, r, config)
-    except Exception as e:  # noqa: BLE001 - record the failed fold-run, run the others, exit non-zero
+    except Exception as e:
         log.exception("fold %d seed %d failed", r.fold, r.seed)
         r.status, r.detail = "failed", f"{type(e).__name__}: {e}"
     log.info("fold %d seed %d: %s %s %s", r.fold, r.seed, r.status, r.run_dir, r.detail)
@@ -189,7 +198,7 @@ def _unseen(plan: Plan, r: FoldRun) -> None:
             try:
                 evaluate_unseen(r.run_dir, data, bn, out, plan.leave_out, plan.config.max_per_class,
                                 device=plan.config.device)
-            except Exception as e:  # noqa: BLE001 - recorded like a failed fold-run
+            except Exception as e:
                 log.exception("fold %d seed %d: unseen evaluation failed", r.fold, r.seed)
                 r.status, r.detail = "failed", f"unseen evaluation (BN {bn}) failed: {type(e).__name__}: {e}"
                 return
@@ -295,9 +304,10 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
             raise ConfigError("--leave-out needs at least one other site to train on")
         config = config.replace(sites=rest)
         for bn in bn_modes:
-            if bn not in ("adapt", "average") and not (bn.startswith("site:") and bn[5:] in config.sites):
-                raise ConfigError(f"--bn {bn!r} must be adapt, average or site:NAME with NAME one of the training "
-                                  f"sites {list(config.sites)}")
+            if not (re.fullmatch(r"adapt|average|tent(:[1-9]\d*)?", bn)
+                    or (bn.startswith("site:") and bn[5:] in config.sites)):
+                raise ConfigError(f"--bn {bn!r} must be adapt, average, tent[:STEPS] or site:NAME with NAME one of "
+                                  f"the training sites {list(config.sites)}")
     out = Path(args.out) if args.out else config.resolved_output_dir() / (
         f"protocol-{args.method}-{config.protocol}" + (f"-without-{args.leave_out}" if args.leave_out else ""))
     federation_config = args.federation_config

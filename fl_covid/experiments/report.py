@@ -17,19 +17,20 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from scipy import stats
 
-from fl_covid.metrics import ROC_FPR_GRID  # noqa: E402
-from fl_covid.config import PROTOCOL_TEXT  # noqa: E402
-from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, atomic_write_bytes, save_figure, write_csv  # noqa: E402
+from fl_covid.config import PROTOCOL_TEXT
+from fl_covid.metrics import ROC_FPR_GRID
+from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, atomic_write_bytes, save_figure, write_csv
 
 OURS = "fedbn-proto"
 TABLE_METRICS = (("accuracy", "Accuracy"), ("f1", "F1"), ("sensitivity", "Sensitivity"),

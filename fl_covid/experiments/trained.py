@@ -35,7 +35,7 @@ class TrainedRun:
     method: str
 
     @staticmethod
-    def load(run_dir: str | Path) -> "TrainedRun":
+    def load(run_dir: str | Path) -> TrainedRun:
         run_dir = Path(run_dir).expanduser().resolve()
         file = run_dir / CONFIG_JSON
         if not file.is_file():

@@ -6,6 +6,8 @@ image of the new site. The BN choice:
 - ``adapt``: affine parameters averaged over the training sites, running statistics re-estimated from the new
   site's images (forward passes in train mode, cumulative average, no labels, no gradients);
 - ``average``: every BN tensor averaged over the training sites (parameters and statistics);
+- ``tent`` / ``tent:STEPS``: ``adapt``, then test-time entropy minimisation of the BN affine parameters on the new
+  site's unlabelled images (``fl_covid.engine.entropy_adapt_bn``, default 10 steps of 64 images);
 - ``site:NAME``: borrow training site NAME's BN.
 
 Leave-one-site-out: train on one site (``--set sites=A``) and evaluate on the other with this command.
@@ -24,15 +26,16 @@ import torch
 
 from fl_covid.config import ConfigError, to_json
 from fl_covid.data import CLASSES, DataError, Site, load_site
-from fl_covid.engine import evaluate, recalibrate_bn, select_device
+from fl_covid.engine import entropy_adapt_bn, evaluate, recalibrate_bn, select_device
+from fl_covid.experiments.trained import TrainedRun
 from fl_covid.metrics import binary_metrics, roc_on_grid
 from fl_covid.model import COVIDNet
 from fl_covid.reporting import RunWriter, write_csv
-from fl_covid.experiments.trained import TrainedRun
 
 log = logging.getLogger(__name__)
 
-BN_MODES = ("adapt", "average", "site:NAME")
+BN_MODES = ("adapt", "tent", "tent:STEPS", "average", "site:NAME")
+TENT_STEPS = 10
 
 
 def average_bn(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -51,16 +54,25 @@ def average_bn(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_size: int = 64,
                      device: torch.device | str = "cpu") -> COVIDNet:
-    """The run's final model with BN chosen by ``bn`` (see BN_MODES); ``adapt`` needs the new ``site``."""
+    """The run's final model with BN chosen by ``bn`` (see BN_MODES); ``adapt`` and ``tent`` need the new
+    ``site``'s images (never its labels)."""
     if bn.startswith("site:"):
         return run.model(run.site_bn(bn[5:]))
-    if bn not in ("adapt", "average"):
-        raise ValueError(f"--bn must be one of {BN_MODES}, got {bn!r}")
+    mode, _, steps = bn.partition(":")
+    if mode not in ("adapt", "average", "tent") or (steps and (mode != "tent" or not steps.isdigit()
+                                                                or int(steps) < 1)):
+        raise ValueError(f"--bn must be one of {BN_MODES} (STEPS >= 1), got {bn!r}")
     model = run.model(average_bn([run.site_bn(s) for s in run.config.sites]))
-    if bn == "adapt":
-        if site is None:
-            raise ValueError("--bn adapt needs the new site's images")
+    if mode == "average":
+        return model
+    if site is None:
+        raise ValueError(f"--bn {bn} needs the new site's images")
+    if mode == "adapt":
         recalibrate_bn(model, site.images, run.config.image_size, batch_size=batch_size, device=device)
+    else:
+        entropies = entropy_adapt_bn(model, site.images, run.config.image_size, int(steps or TENT_STEPS),
+                                     batch_size=batch_size, seed=run.config.seed, device=device)
+        log.info("entropy adaptation on %s: mean entropy %.4f -> %.4f", site.name, entropies[0], entropies[-1])
     return model
 
 
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-covid-evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="run directory of a trained model")
     parser.add_argument("--data", required=True, help="site folder (COVID/, NonCOVID/, optional manifest.csv)")
-    parser.add_argument("--bn", required=True, metavar="{adapt,average,site:NAME}", help="BN for the new site")
+    parser.add_argument("--bn", required=True, metavar="{adapt,tent,tent:STEPS,average,site:NAME}", help="BN for the new site")
     parser.add_argument("--out", help="output folder (default RUN/unseen-<site>-<bn>)")
     parser.add_argument("--name", help="site name (default: the folder name)")
     parser.add_argument("--max-per-class", type=int, default=0, help="seeded subset per class (0 = all)")
