@@ -88,8 +88,8 @@ def summary_seconds(config: Config, site: Site, split: Split, repeats: int = 3, 
     split and test fold when ``evaluate_now``, prototypes when the method has them) on initial weights."""
     runner = SiteRunner(config, 0, site, split, torch.device("cpu"))
     shared = {k: v.detach().clone() for k, v in runner.model.state_dict().items() if k in runner.keys}
-    runner.summarise(shared, None, 1, evaluate_now)  # first pass: lazy initialisations
-    return statistics.median(timed(lambda: runner.summarise(shared, None, 1, evaluate_now))[1]
+    runner.summarise(shared, None, 1, evaluate_now, True)  # first pass: lazy initialisations
+    return statistics.median(timed(lambda: runner.summarise(shared, None, 1, evaluate_now, True))[1]
                              for _ in range(repeats))
 
 

@@ -87,7 +87,7 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
     if node.policy.dp_budget and config.spec.prototypes and config.dp_epsilon > 0:
         ledger = _ledger(root, config.sites[index])
         planned = {}
-        for rnd in range(1, config.num_server_rounds + 1):
+        for rnd in filter(config.prototypes_due, range(1, config.num_server_rounds + 1)):
             planned.update(ledger.release(folder.parent.name, rnd, config.dp_epsilon, config.dp_delta))
         if (total := ledger.epsilon(config.dp_delta, planned)) > node.policy.dp_budget:
             raise RunRefused(f"the run's prototype releases would bring this site's total privacy loss to epsilon "
@@ -132,6 +132,10 @@ def summarise(msg: Message, context: Context) -> Message:
     config, node, runner, folder, server_round = _setup(context, msg)
     instruction = msg.content[R.CONFIG]
     evaluate_now, final = bool(instruction.get(R.EVALUATE)), bool(instruction.get(R.FINAL))
+    prototypes_due = config.prototypes_due(server_round) and not final
+    if bool(instruction.get(R.PROTOTYPES_DUE)) != prototypes_due:
+        raise ValueError(f"the server asked for prototypes={bool(instruction.get(R.PROTOTYPES_DUE))} in round "
+                         f"{server_round}; the run's schedule (prototype-every) says {prototypes_due}")
     size = R.layout_size(runner.layout)
     if R.BASE in instruction:  # int8: the change since the weights this site kept from its last summary
         kept = Received.load(folder / RECEIVED)
@@ -143,14 +147,14 @@ def summarise(msg: Message, context: Context) -> Message:
     if not np.isfinite(flat).all():
         raise ValueError("the shared weights from the server contain NaN or Inf")
     noise = None
-    if config.dp_epsilon > 0 and config.spec.prototypes and not final:
+    if config.dp_epsilon > 0 and prototypes_due:
         root = node.state_root(config).resolve()
         noise = noise_generator(site_secret(root / f".noise-secret-{runner.site.name}"), folder.parent.name,
                                 server_round)
         ledger = _ledger(root, runner.site.name)  # recorded before anything is released
         ledger.record(ledger.release(folder.parent.name, server_round, config.dp_epsilon, config.dp_delta))
     summary = runner.summarise(R.unflatten(flat, runner.layout), LocalState.load(folder / SITE_STATE, server_round - 1),
-                               server_round, evaluate_now, noise)
+                               server_round, evaluate_now, prototypes_due, noise)
     if not final:  # the train message of this round names these weights by their digest
         Received(flat, summary.bn, server_round).save(folder / RECEIVED)
     reply: dict = {R.NUM_EXAMPLES: len(runner.split.test), R.SITE_ID: runner.site_id}
@@ -164,7 +168,7 @@ def summarise(msg: Message, context: Context) -> Message:
         reply.update({k: v for k, v in summary.metrics.items() if k != "n"})
         reply[R.ROC_TPR] = summary.roc_tpr
     content = RecordDict({R.METRICS: MetricRecord(reply)})
-    if summary.prototypes is not None and not final:
+    if summary.prototypes is not None:
         content[R.PROTOTYPES] = R.bank_to_record(summary.prototypes)
     return Message(content=content, reply_to=msg)
 

@@ -100,10 +100,11 @@ class Config:
     prototypes_per_class: int = 1
     # each other site's prototype counts this many times among an anchor's contrastive pairs
     prototype_weight: float = 1.0
-    # the sites recompute their prototypes every k rounds (the bank of the last refresh is used in between)
+    # the sites compute and send their prototypes every k rounds (the bank of the last refresh is used in between;
+    # a site's DP releases are one per refresh)
     prototype_every: int = 1
     # training images a site passes through the received model at the start of a round (0 = all): BN
-    # re-estimation and prototypes
+    # re-estimation and prototypes (with DP, prototypes always summarise every training image)
     summary_images: int = 256
     # re-estimate a site's BN running statistics under the received weights before evaluating / training
     bn_recalibration: bool = True
@@ -196,6 +197,13 @@ class Config:
     def spec(self) -> Method:
         """The record of ``method``: what is shared, kept per site and added to the loss."""
         return METHODS[self.method]
+
+    def prototypes_due(self, server_round: int) -> bool:
+        """Whether the summary at the start of ``server_round`` computes and sends prototypes: methods that
+        exchange them, rounds 1, 1 + k, 1 + 2k, ... (k = prototype-every), never the final summary. The server
+        asks for them and each site checks the request against this schedule (its DP releases)."""
+        return (self.spec.prototypes and 1 <= server_round <= self.num_server_rounds
+                and (server_round - 1) % self.prototype_every == 0)
 
     @property
     def pinned_nodes(self) -> dict[int, int]:

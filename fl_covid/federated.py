@@ -162,10 +162,13 @@ class SiteRunner:
         return np.sort(train[torch.randperm(len(train), generator=g)[:n].numpy()])
 
     def summarise(self, shared: dict[str, torch.Tensor], local: LocalState | None, server_round: int,
-                  evaluate_now: bool, noise: torch.Generator | None = None) -> Summary:
+                  evaluate_now: bool, prototypes_due: bool, noise: torch.Generator | None = None) -> Summary:
         """Load the received weights with this site's BN, re-estimate the BN statistics under them
-        (``bn-recalibration``), evaluate on the validation split and the test fold (``evaluate_now``) and compute
-        this site's prototypes (methods that exchange them). ``noise``: DP noise source (dp-epsilon > 0)."""
+        (``bn-recalibration``, on the ``summary-images`` subset), evaluate on the validation split and the test
+        fold (``evaluate_now``) and compute this site's prototypes (``prototypes_due``, methods that exchange
+        them). ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image:
+        a subset drawn by position would change with any added or removed image, and the clipped class sums would
+        lose their sensitivity bound."""
         cfg = self.config
         self._load(shared, local.bn if local is not None else None)
         images, labels = self.site.images, self.site.labels
@@ -181,9 +184,10 @@ class SiteRunner:
             metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
             roc = roc_on_grid(labels[self.split.test].numpy(), probs)
         prototypes = None
-        if cfg.spec.prototypes:
-            _, z = predict(self.model, images[subset], 0, cfg.image_size, device=self.device, with_projections=True)
-            y = labels[subset]
+        if prototypes_due and cfg.spec.prototypes:
+            members = self.split.train if cfg.dp_epsilon > 0 else subset
+            _, z = predict(self.model, images[members], 0, cfg.image_size, device=self.device, with_projections=True)
+            y = labels[members]
             prototypes = PrototypeBank.of_site(self.site_id, *(
                 private_prototypes(z, y, cfg.dp_epsilon, cfg.dp_delta, noise, cfg.dp_clip, cfg.min_prototype_images)
                 if cfg.dp_epsilon > 0 else

@@ -126,8 +126,9 @@ def composed_epsilon(events: list[tuple[dp_event.DpEvent, int]], delta: float) -
     return float(accountant.get_epsilon(delta))
 
 
-def privacy_report(epsilon: float, delta: float, clip: float, rounds: int) -> dict[str, object]:
-    """Per-round and total guarantee of ``rounds`` prototype releases by one site (JSON-friendly)."""
+def privacy_report(epsilon: float, delta: float, clip: float, releases: int) -> dict[str, object]:
+    """Per-release and total guarantee of ``releases`` prototype releases by one site (one per round in which
+    prototypes were due; JSON-friendly)."""
     event = release_event(epsilon, delta, clip)
     return {
         "mechanism": "Gaussian noise on per-class sums of clipped projections and on per-class counts",
@@ -135,9 +136,9 @@ def privacy_report(epsilon: float, delta: float, clip: float, rounds: int) -> di
         "scope": "the prototype record of each site; shared weights, num-examples and metrics carry no noise",
         "dp-epsilon": epsilon, "dp-delta": delta, "dp-clip": clip,
         "sigma-sum": gaussian_sigma(epsilon, delta, clip), "sigma-count": gaussian_sigma(epsilon, delta, 1.0),
-        "rounds": rounds,
-        "per-round": {"epsilon": composed_epsilon([(event, 1)], delta), "delta": delta},
-        "total": {"epsilon": composed_epsilon([(event, rounds)], delta), "delta": delta,
+        "releases": releases,
+        "per-release": {"epsilon": composed_epsilon([(event, 1)], delta), "delta": delta},
+        "total": {"epsilon": composed_epsilon([(event, releases)], delta), "delta": delta,
                   "accounting": "privacy loss distributions of the Gaussian mechanisms (dp-accounting PLD), "
                                 "composed over the two releases of a round and over rounds"},
     }

@@ -41,6 +41,7 @@ LR = "lr"
 RUN_NAME = "run-name"  # names the run directory and each site's state folder; kept on resume
 EVALUATE = "evaluate"  # summary message: evaluate the received weights on the validation split and test fold
 FINAL = "final"  # summary message after the last round: evaluate, keep the final model
+PROTOTYPES_DUE = "prototypes-due"  # summary message: compute and send this site's prototypes (prototype-every)
 DIGEST = "weights-sha256"  # train message without weights: train from the weights of this round's summary
 BASE = "base-sha256"  # summary under int8: the weights carry the difference from the weights of this digest
 # MetricRecord keys (identical on every site; the site is a number, never part of a name)

@@ -25,7 +25,7 @@ from fl_covid.privacy import (
     private_prototypes,
 )
 from server.strategy import NotEnoughSites
-from tests.inprocess import run_dir, run_federation, shared_run
+from tests.inprocess import run_dir, run_federation, shared_run, wire
 
 
 def unit_projections(n: int = 40, dim: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +159,7 @@ def test_federated_round_with_dp(tmp_path: Path) -> None:
     grid = run_federation(tmp_path, method="fedbn-proto", overrides="dp-epsilon=0.5 dp-delta=1e-5",
                           **{"num-server-rounds": 1})
     report = json.loads((run_dir(tmp_path) / "privacy.json").read_text())
-    assert report == json.loads(json.dumps(privacy_report(0.5, 1e-5, 1.0, rounds=1)))
+    assert report == json.loads(json.dumps(privacy_report(0.5, 1e-5, 1.0, releases=1)))
     assert grid.banks[1].sites.tolist() == [0, 0, 1, 1]  # the server accepted both sites' noisy prototypes
     d = grid.delivery(0, 1, "evaluate")
     secret = tmp_path / ".noise-secret-site_a_sarscov2"
@@ -175,3 +175,30 @@ def test_federated_round_with_dp(tmp_path: Path) -> None:
                        torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)))
     assert not torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)),
                            torch.randn(5, generator=noise_generator(b"t" * 32, "r", 1)))
+
+
+def test_prototypes_are_released_on_the_schedule_only(tmp_path: Path) -> None:
+    """prototype-every 2 over 3 rounds: the summaries of rounds 1 and 3 carry prototypes (the bank of round 1 is
+    sent again in round 2), the sites count two DP releases, each over every training image."""
+    grid = run_federation(tmp_path, method="fedbn-proto", overrides="dp-epsilon=50 prototype-every=2 summary-images=4",
+                          **{"num-server-rounds": 3, "eval-every": 1})
+    for rnd, due in ((1, True), (2, False), (3, True), (4, False)):  # 4: the final summary
+        for site in (0, 1):
+            d = grid.delivery(site, rnd, "evaluate")
+            assert d.message.content[R.CONFIG][R.PROTOTYPES_DUE] is due
+            assert (R.PROTOTYPES in d.reply.content) is due, (rnd, site)
+    assert torch.equal(grid.banks[2].vectors, grid.banks[1].vectors)
+    assert not torch.equal(grid.banks[3].vectors, grid.banks[1].vectors)
+    # with DP the (noisy) counts are over the whole training split, not over the 4 images of summary-images
+    counts = grid.delivery(0, 1, "evaluate").reply.content[R.PROTOTYPES][R.P_COUNTS].numpy()
+    assert counts.sum() > 6  # 9 training images in the smoke site; sigma of a count at epsilon 50: about 0.1
+    for site in ("site_a_sarscov2", "site_b_covidct"):
+        releases = PrivacyLedger(tmp_path / f".privacy-ledger-{site}.json").releases
+        assert sorted(int(k.rsplit("|", 1)[1]) for k in releases) == [1, 3], releases
+    assert json.loads((run_dir(tmp_path) / "privacy.json").read_text())["releases"] == 2
+    # a server asking for prototypes off the schedule gets nothing
+    d = grid.delivery(0, 2, "evaluate")
+    content = wire(d.message).content
+    content[R.CONFIG][R.PROTOTYPES_DUE] = True
+    reply = grid.replay(d, content)
+    assert reply.has_error() and not reply.has_content()

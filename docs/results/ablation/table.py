@@ -15,7 +15,7 @@ print("| variant | n | " + " | ".join(f"val AUC {s[5]}" for s in sites) + " | "
       + " | ".join(f"val sens/spec {s[5]}" for s in sites) + " |")
 print("|---|---|" + "---|" * (2 * len(sites)))
 for variant in sorted(p for p in root.iterdir() if p.is_dir()):
-    finals = [json.loads(f.read_text()) for f in sorted(variant.glob("fold*/*/final_metrics.json"))]
+    finals = [json.loads(f.read_text()) for f in sorted(variant.glob("fold*-seed0/*/final_metrics.json"))]
     if not finals:
         continue
     cells, ss = [], []
