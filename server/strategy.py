@@ -165,7 +165,8 @@ class SitesMixin:
                 site = claimed
         return f"{self.config.sites[site] if site is not None else 'unknown'} (node {node})"
 
-    def _verdict(self, msg: Message, train: bool, evaluated: bool = False) -> tuple[str | None, dict]:
+    def _verdict(self, msg: Message, server_round: int, train: bool, evaluated: bool = False
+                 ) -> tuple[str | None, dict]:
         """(why the reply must be rejected or None, what was decoded: weights or prototypes)."""
         if msg.has_error():
             return f"failed: {remote_text(msg.error.reason)}", {}
@@ -182,7 +183,7 @@ class SitesMixin:
             return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}", {}
         if pinned is None and site_id in self.site_of_node.values():
             return f"site-id {site_id} belongs to another node", {}
-        prototypes = not train and self.prototypes_due(self.summary[0])
+        prototypes = not train and self.prototypes_due(server_round)
         allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set())
         if unexpected := set(content.keys()) - allowed:
             return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
@@ -241,7 +242,7 @@ class SitesMixin:
                             f"{self.config.sites[site] if site is not None else 'unknown'} (node {node})", what)
         for msg in replies:
             try:
-                reason, decoded = self._verdict(msg, train, evaluated)
+                reason, decoded = self._verdict(msg, server_round, train, evaluated)
                 site_id = None if reason else int(msg.content[R.METRICS][R.SITE_ID])
                 if site_id is not None and site_id in {int(g.content[R.METRICS][R.SITE_ID]) for g, _ in good}:
                     reason = f"site-id {site_id} has already answered this round"
