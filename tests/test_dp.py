@@ -102,7 +102,7 @@ def test_accounting_matches_the_closed_form_of_composed_gaussians(epsilon: float
     sigma = gaussian_sigma(epsilon, delta, 1.0)  # both releases of a round, sensitivity 1 (clip 1)
     mu = math.sqrt(2 * rounds) / sigma
     assert report["total"]["epsilon"] == pytest.approx(gdp_epsilon(mu, delta), rel=0.01)
-    assert report["per-round"]["epsilon"] == pytest.approx(gdp_epsilon(math.sqrt(2) / sigma, delta), rel=0.01)
+    assert report["per-release"]["epsilon"] == pytest.approx(gdp_epsilon(math.sqrt(2) / sigma, delta), rel=0.01)
     # the clip rescales the noise, not the guarantee
     assert privacy_report(epsilon, delta, 2.0, rounds)["total"]["epsilon"] == pytest.approx(
         report["total"]["epsilon"], rel=1e-9)
