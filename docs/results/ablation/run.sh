@@ -18,6 +18,7 @@ declare -A variants=(
   [C-equal-weights]="--method fedbn-proto ${r6[*]} --set fedavg-weights=equal"
   [D-30x21]="--method fedbn-proto ${r30[*]} ${data[*]}"
   [D2-105x6]="--method fedbn-proto ${r105[*]} ${data[*]}"
+  [D3-105x6-equal]="--method fedbn-proto ${r105[*]} --set fedavg-weights=equal"
 )
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=("${!variants[@]}")
