@@ -91,7 +91,7 @@ def run_rounds(grid: Grid, strategy: SitesMixin, config: Config, run: Run, layou
         replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if config.dp_epsilon > 0:  # the guarantee spent so far by each site's prototype releases
-            releases = sum(map(strategy.prototypes_due, range(1, rnd + 1)))
+            releases = sum(map(config.prototypes_due, range(1, rnd + 1)))
             write_json(run.dir / PRIVACY_JSON,
                        privacy_report(config.dp_epsilon, config.dp_delta, config.dp_clip, releases))
         ServerState(rnd, R.unflatten(arrays[R.FLAT].numpy(), layout), strategy.bank, run.writer.rows,

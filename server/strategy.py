@@ -94,13 +94,8 @@ class SitesMixin:
         ``prototype-every`` rounds), the weights of the round before are to be evaluated, or the weights travel
         as int8 differences (every round). BN statistics are re-estimated only there: training runs BN on batch
         statistics, only evaluation and prototypes use the running ones."""
-        return (self.prototypes_due(server_round) or self.config.compression == "int8"
+        return (self.config.prototypes_due(server_round) or self.config.compression == "int8"
                 or self.evaluation_due(server_round - 1))
-
-    def prototypes_due(self, server_round: int) -> bool:
-        """Whether the summary at the start of ``server_round`` asks the sites for prototypes (Config.prototypes_due);
-        in between, the bank of the last refresh is sent again."""
-        return self.config.prototypes_due(server_round)
 
     def _finish_messages(self, messages: Iterable[Message], weights: ArrayRecord | None, bank: bool) -> list[Message]:
         """Set the (encoded) weights or remove them, attach the prototype bank; the same content for every site."""
@@ -121,7 +116,7 @@ class SitesMixin:
         final = server_round > self.config.num_server_rounds
         config[R.RUN_NAME], config[R.FINAL] = self.run_name, final
         config[R.EVALUATE] = self.evaluation_due(server_round - 1)
-        config[R.PROTOTYPES_DUE] = self.prototypes_due(server_round)
+        config[R.PROTOTYPES_DUE] = self.config.prototypes_due(server_round)
         flat = arrays[R.FLAT].numpy().astype(np.float32)  # server optimizers may hand back float64
         compression = self.config.compression
         if compression == "int8" and self.held is not None:  # the change since the sites' copy, error fed back
@@ -183,7 +178,7 @@ class SitesMixin:
             return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}", {}
         if pinned is None and site_id in self.site_of_node.values():
             return f"site-id {site_id} belongs to another node", {}
-        prototypes = not train and self.prototypes_due(server_round)
+        prototypes = not train and self.config.prototypes_due(server_round)
         allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set())
         if unexpected := set(content.keys()) - allowed:
             return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}

@@ -20,7 +20,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -41,7 +40,7 @@ from fl_covid.config import (
 )
 from fl_covid.data import DataError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
-from fl_covid.experiments.unseen import evaluate_unseen
+from fl_covid.experiments.unseen import evaluate_unseen, parse_bn
 from fl_covid.methods import CENTRAL_METHODS, FEDERATED_METHODS, METHODS
 from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, write_json
 
@@ -304,10 +303,12 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
             raise ConfigError("--leave-out needs at least one other site to train on")
         config = config.replace(sites=rest)
         for bn in bn_modes:
-            if not (re.fullmatch(r"adapt|average|tent(:[1-9]\d*)?", bn)
-                    or (bn.startswith("site:") and bn[5:] in config.sites)):
-                raise ConfigError(f"--bn {bn!r} must be adapt, average, tent[:STEPS] or site:NAME with NAME one of "
-                                  f"the training sites {list(config.sites)}")
+            try:
+                mode, _ = parse_bn(bn)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            if mode.startswith("site:") and mode[5:] not in config.sites:
+                raise ConfigError(f"--bn {bn!r}: {mode[5:]} is not one of the training sites {list(config.sites)}")
     out = Path(args.out) if args.out else config.resolved_output_dir() / (
         f"protocol-{args.method}-{config.protocol}" + (f"-without-{args.leave_out}" if args.leave_out else ""))
     federation_config = args.federation_config

@@ -52,16 +52,26 @@ def average_bn(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return out
 
 
+def parse_bn(bn: str) -> tuple[str, int]:
+    """(mode, tent steps) of a BN choice (see BN_MODES); ValueError naming the choices otherwise. ``site:NAME``
+    gives (``site:NAME``, 0): whether NAME trained is for the run to say."""
+    mode, _, steps = bn.partition(":")
+    if mode == "site" and steps:
+        return bn, 0
+    if mode in ("adapt", "average") and not steps:
+        return mode, 0
+    if mode == "tent" and (not steps or (steps.isdigit() and int(steps) >= 1)):
+        return mode, int(steps or TENT_STEPS)
+    raise ValueError(f"--bn must be one of {BN_MODES} (STEPS >= 1), got {bn!r}")
+
+
 def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_size: int = 64,
                      device: torch.device | str = "cpu") -> COVIDNet:
     """The run's final model with BN chosen by ``bn`` (see BN_MODES); ``adapt`` and ``tent`` need the new
     ``site``'s images (never its labels)."""
-    if bn.startswith("site:"):
-        return run.model(run.site_bn(bn[5:]))
-    mode, _, steps = bn.partition(":")
-    if mode not in ("adapt", "average", "tent") or (steps and (mode != "tent" or not steps.isdigit()
-                                                                or int(steps) < 1)):
-        raise ValueError(f"--bn must be one of {BN_MODES} (STEPS >= 1), got {bn!r}")
+    mode, steps = parse_bn(bn)
+    if mode.startswith("site:"):
+        return run.model(run.site_bn(mode[5:]))
     model = run.model(average_bn([run.site_bn(s) for s in run.config.sites]))
     if mode == "average":
         return model
@@ -70,7 +80,7 @@ def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_s
     if mode == "adapt":
         recalibrate_bn(model, site.images, run.config.image_size, batch_size=batch_size, device=device)
     else:
-        entropies = entropy_adapt_bn(model, site.images, run.config.image_size, int(steps or TENT_STEPS),
+        entropies = entropy_adapt_bn(model, site.images, run.config.image_size, steps,
                                      batch_size=batch_size, seed=run.config.seed, device=device)
         log.info("entropy adaptation on %s: mean entropy %.4f -> %.4f", site.name, entropies[0], entropies[-1])
     return model
