@@ -34,7 +34,7 @@ from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_co
 
 
 class TimedGrid(LocalGrid):
-    """A LocalGrid that times every exchange (``send_and_receive``: one message to every site, their replies)
+    """A LocalGrid that times every exchange (``push_messages``: one message to every site, which answers at once)
     and, within it, each site's ClientApp call; the rest of an exchange is Flower's serialisation both ways."""
 
     def __init__(self, run_config: dict[str, Any], num_nodes: int) -> None:
@@ -42,17 +42,17 @@ class TimedGrid(LocalGrid):
         self.exchanges: list[dict[str, Any]] = []
         self._calls: dict[int, float] = {}
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self._calls = {}
         started = time.perf_counter()
-        replies = list(super().send_and_receive(messages, timeout=timeout))
+        ids = list(super().push_messages(messages))
         seconds = time.perf_counter() - started
         first = messages[0]
         self.exchanges.append({"round": int(first.content[R.CONFIG][R.ROUND]),
                                "kind": "summary" if first.metadata.message_type == "evaluate" else "train",
                                "seconds": seconds, "sites": dict(self._calls)})
-        return replies
+        return ids
 
     def call(self, msg: Message, context: Context) -> Message:  # type: ignore[override]
         started = time.perf_counter()

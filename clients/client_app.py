@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fl_covid import records as R
 from fl_covid.checkpoint import PREDICTIONS_CSV, RECEIVED, SITE_MODEL, SITE_STATE, prune_site_states, site_folder
 from fl_covid.config import Config, NodeConfig, federated_config, parse_node_config
-from fl_covid.data import Site, Split, load_configured_site
+from fl_covid.data import load_configured_site
 from fl_covid.engine import select_device
 from fl_covid.federated import LocalState, Received, SiteRunner
 from fl_covid.privacy import PrivacyLedger, noise_generator, site_secret
@@ -60,16 +61,24 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
 
 
 @lru_cache(maxsize=4)
-def _site_data(config: Config, index: int, folder: str) -> tuple[Site, Split]:
-    """Decode a site once per process (Ray actors serve many rounds)."""
-    return load_configured_site(config, index, folder)
+def _site_runner(config: Config, index: int, folder: str) -> SiteRunner:
+    """The site's decoded images, split and model skeleton, built once per process (a Ray actor serves many
+    messages); every message loads all of the model's tensors, so nothing of one message reaches the next."""
+    site, split = load_configured_site(config, index, folder)
+    return SiteRunner(config, index, site, split, select_device(config.device))
+
+
+@lru_cache(maxsize=4)
+def _run_config(items: tuple[tuple[str, Any], ...]) -> Config:
+    """The run's config as this site reads it (its own copy of the app's configs), parsed once per run."""
+    return federated_config(dict(items), at_site=True)
 
 
 def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunner, Path, int]:
     """Config (checked against the site's policy), node config, this node's site, its folder for this run and the
     server round. The folder ``<state-dir, or output-dir in simulation>/<run name>/site-<name>`` stays on the site."""
     node = parse_node_config(context.node_config)
-    config = federated_config(context.run_config, at_site=True)
+    config = _run_config(tuple(sorted(context.run_config.items())))
     if reasons := node.policy.violations(config):
         raise RunRefused("; ".join(reasons))
     instruction = msg.content.get(R.CONFIG)
@@ -94,8 +103,7 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
                              f"{total:.3g} at delta {config.dp_delta}, above its dp-budget {node.policy.dp_budget}")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    site, split = _site_data(config, index, str(node.data_folder(config)))
-    runner = SiteRunner(config, index, site, split, select_device(config.device))
+    runner = _site_runner(config, index, str(node.data_folder(config)))
     return config, node, runner, folder, int(instruction[R.ROUND])
 
 

@@ -26,6 +26,7 @@ from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import build_model, one_site_state
 from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
+from fl_covid.seeding import derive
 from fl_covid.site_model import model_card, save_site_model
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,12 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
     """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site."""
     spec = METHODS[method]
     per_site_bn = spec.per_site_bn
+    torch.manual_seed(derive(config.seed, "init"))  # the initial weights of a federated run of the same seed
     model = build_model(config, len(members) if per_site_bn else 1)
     optimizer = make_optimizer(model, config.lr)
-    streams = {k: IndexStream(sites[k][1].train, torch.Generator().manual_seed(config.seed + k)) for k in members}
-    aug_gen = torch.Generator().manual_seed(config.seed + 1000 + members[0])
+    streams = {k: IndexStream(sites[k][1].train, torch.Generator().manual_seed(derive(config.seed, "batches", k)))
+               for k in members}
+    aug_gen = torch.Generator().manual_seed(derive(config.seed, "augment", members[0]))
     steps_per_epoch = math.ceil(max(len(sites[k][1].train) for k in members) / config.batch_size)
     total = config.epochs * steps_per_epoch
 
@@ -98,7 +101,7 @@ def run_central(config: Config, method: str, show_progress: bool = True) -> Path
     config = config.replace(method=method)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
+    started = time.perf_counter()
     device = select_device(config.device)
     sites = [load_configured_site(config, k) for k in range(len(config.sites))]
     writer = RunWriter(new_run_dir(config.resolved_output_dir(), method, config.tag), to_json(config))
@@ -111,7 +114,7 @@ def run_central(config: Config, method: str, show_progress: bool = True) -> Path
             results.update(_train_one(config, method, sites, members, writer, device, bar))
     final = writer.finish(method, {s: r["metrics"] for s, r in results.items()},
                           {s: r["roc"] for s, r in results.items()}, protocol=config.protocol, fold=config.fold,
-                          seed=config.seed)
+                          seed=config.seed, wall_seconds=round(time.perf_counter() - started, 1))
     for site, m in final["sites"].items():
         log.info("%s %s: AUC %.4f accuracy %.4f (n=%d)", method, site, m["auc"], m["accuracy"], m["n"])
     return writer.dir

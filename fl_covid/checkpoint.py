@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +99,18 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
     optimizer.load_state_dict(sd)
 
 
+# the last state each folder was saved with by this process, by save id: a load that finds the same save id on
+# disk takes a copy of these instead of reading the files (a site reads back its state every round)
+_SAVED: OrderedDict[Path, tuple[str, dict[str, dict[str, torch.Tensor]]]] = OrderedDict()
+_SAVED_FOLDERS = 8
+
+
+def _copy(groups: dict[str, dict[str, torch.Tensor]], names: tuple[str, ...] | None = None
+          ) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.detach().cpu().clone() for k, v in g.items()} for n, g in groups.items()
+            if names is None or n in names}
+
+
 class StateStore:
     """A folder holding one party's state: ``<name>.npz`` tensor groups and ``state.json`` metadata.
 
@@ -118,6 +132,9 @@ class StateStore:
         for stale in parent.glob(f".{self.folder.name}.tmp-*"):  # left by a process killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{self.folder.name}.tmp-"))
+        meta = {**meta, "save-id": uuid.uuid4().hex}
+        key = self.folder.resolve()
+        _SAVED.pop(key, None)
         try:
             for name, group in tensors.items():
                 save_tensors(tmp / f"{name}.npz", group)
@@ -141,6 +158,9 @@ class StateStore:
             raise
         if discard is not None:
             shutil.rmtree(discard, ignore_errors=True)
+        _SAVED[key] = (meta["save-id"], _copy(tensors))
+        while len(_SAVED) > _SAVED_FOLDERS:
+            _SAVED.popitem(last=False)
 
     def load(self, names: tuple[str, ...], max_round: int | None = None
              ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]] | None:
@@ -150,6 +170,9 @@ class StateStore:
             meta = _meta(folder)
             if meta is None or (max_round is not None and int(meta.get("round", 0)) > max_round):
                 continue
+            saved = _SAVED.get(folder.resolve())
+            if saved is not None and saved[0] == meta.get("save-id"):
+                return _copy(saved[1], names), meta
             return {n: load_tensors(folder / f"{n}.npz") for n in names if (folder / f"{n}.npz").is_file()}, meta
         return None
 

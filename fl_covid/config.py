@@ -374,6 +374,13 @@ def to_json(config: Config) -> str:
 
 
 
+# settings that only a federation reads (centralized training ignores them) and the one only centralized reads
+FEDERATION_ONLY_KEYS = frozenset({
+    "num-server-rounds", "local-steps", "min-sites", "round-timeout", "compression", "fedavg-weights",
+    "max-update-norm", "site-nodes", "min-prototype-images", "prototypes-per-class", "prototype-weight",
+    "prototype-every", "summary-images", "bn-recalibration", "eval-every", "optimizer-state", "proximal-mu",
+    "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta", "dp-clip"})
+CENTRAL_ONLY_KEYS = frozenset({"epochs"})
 FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir",
                   "resume")
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")

@@ -136,13 +136,15 @@ class SiteRunner:
         self.local_keys = set(self.model.state_dict()) - set(self.keys)
         state = self.model.state_dict()
         self.layout = tuple((k, tuple(state[k].shape)) for k in self.keys)  # transfer order of the shared weights
+        self.initial_local = self._local_part()  # a site's first round starts from these (the runner is reused)
 
     def _load(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None) -> None:
-        """Shared weights from the server; this site's own BN when it has one (FedBN)."""
+        """Shared weights from the server; this site's own BN when it has one (FedBN), else the initial one.
+        Every tensor of the model is set, so a runner reused for the next message keeps nothing of the last."""
         if list(shared) != self.keys:
             raise ValueError(f"site '{self.site.name}': received {len(shared)} shared tensors, expected "
                              f"{len(self.keys)} for method {self.config.method}")
-        tensors = dict(shared)
+        tensors = {**self.initial_local, **shared}
         if bn and not self.config.spec.shares_bn:
             tensors.update(bn)
         load_partial(self.model, tensors, self.local_keys - set(tensors))

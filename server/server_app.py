@@ -17,6 +17,7 @@ from fl_covid.federated import initial_shared
 from fl_covid.observe import emit
 from fl_covid.privacy import privacy_report
 from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, write_csv, write_json
+from server.collect import send_and_collect
 from server.strategy import SitesMixin, build_strategy
 
 app = ServerApp()
@@ -88,7 +89,7 @@ def run_rounds(grid: Grid, strategy: SitesMixin, config: Config, run: Run, layou
         log.info("[ROUND %d/%d] lr %.3g", rnd, config.num_server_rounds, strategy.lr_for(rnd))
         if strategy.summary_needed(rnd):
             summarise(grid, strategy, run, arrays, rnd, timeout)
-        replies = grid.send_and_receive(strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout=timeout)
+        replies = send_and_collect(grid, strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if config.dp_epsilon > 0:  # the guarantee spent so far by each site's prototype releases
             releases = sum(map(config.prototypes_due, range(1, rnd + 1)))
@@ -106,8 +107,7 @@ def summarise(grid: Grid, strategy: SitesMixin, run: Run, arrays: ArrayRecord, s
               timeout: float | None) -> None:
     """The summary message at the start of ``server_round``: the sites evaluate the weights (when due) and
     return their prototypes; the evaluation is logged as that of round ``server_round - 1``."""
-    replies = grid.send_and_receive(strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                                    timeout=timeout)
+    replies = send_and_collect(grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid), timeout)
     strategy.aggregate_evaluate(server_round, replies)
     for site, r in _evaluations(run.writer.rows, server_round - 1).items():
         log.info("round %d %s: AUC %.4f (validation %.4f) accuracy %.4f", server_round - 1, site, r["auc"],

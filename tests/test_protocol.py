@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,39 @@ def test_centralized_folds_partition_the_site_by_patient_and_are_reused(tmp_path
     before = sorted(p.name for p in out.glob("fold*/*"))
     assert main(argv) == 0  # a second call finds both fold-runs finished and trains nothing
     assert sorted(p.name for p in out.glob("fold*/*")) == before
-    assert {r["detail"] for r in json.loads((out / "protocol.json").read_text())["runs"]} == {"reused"}
+    assert {r["detail"] for r in json.loads((out / "protocol.json").read_text())["runs"]} == {"done, skipped"}
     with pytest.raises(ConfigError, match="other settings.*epochs"):  # never reuse a run trained otherwise
         make_runner(parse_args([*argv, "--set", "epochs=2"])).run()
+
+    # the committed layout: only the small result files, in the fold-run's folder; a key the saved config lacks
+    # (added to the project later) counts as its default, a federation-only key is ignored for a centralized run
+    kept = tmp_path / "kept"
+    (kept / "fold0-seed0").mkdir(parents=True)
+    run0 = Path(record["runs"][0]["run_dir"])
+    (kept / "fold0-seed0" / "final_metrics.json").write_text((run0 / "final_metrics.json").read_text())
+    saved = json.loads((run0 / "config.json").read_text())
+    del saved["cue-augment"]
+    saved["fedavg-weights"] = "equal" if saved["fedavg-weights"] == "dataset" else "dataset"
+    (kept / "fold0-seed0" / "config.json").write_text(json.dumps(saved))
+    kept_argv = [*argv[:argv.index("--out")], "--out", str(kept), "--run-folds", "0", "--quiet"]
+    assert main(kept_argv) == 0
+    assert sorted(p.name for p in (kept / "fold0-seed0").iterdir()) == ["config.json", "final_metrics.json"]
+    saved["cue-augment"] = 0.5
+    (kept / "fold0-seed0" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match="other settings.*cue-augment"):
+        make_runner(parse_args(kept_argv)).run()
+
+
+def test_stop_after_starts_no_fold_run_past_the_deadline(tmp_path: Path) -> None:
+    out = tmp_path / "late"
+    runner = make_runner(parse_args(["--method", "joint", "--config", "configs/smoke.yaml", "--folds", "2",
+                                     "--seeds", "1", "--jobs", "2", "--out", str(out), "--quiet"]))
+    assert not runner.run(deadline=time.monotonic() - 1)
+    record = json.loads((out / "protocol.json").read_text())
+    assert [r["status"] for r in record["runs"]] == ["pending", "pending"]
+    assert not list(out.glob("fold*/*"))
+    with pytest.raises(ConfigError, match="--stop-after"):
+        make_runner(parse_args(["--method", "joint", "--out", str(out), "--stop-after", "0"]))
 
 
 def test_federated_fold_runs_in_process_two_at_a_time_with_an_unseen_site(tmp_path: Path) -> None:

@@ -21,13 +21,16 @@ import logging
 import multiprocessing
 import os
 import sys
-from concurrent.futures import ProcessPoolExecutor
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fl_covid.centralized import run_central
 from fl_covid.config import (
+    CENTRAL_ONLY_KEYS,
+    FEDERATION_ONLY_KEYS,
     PROTOCOL_TEXT,
     PROTOCOLS,
     Config,
@@ -85,9 +88,15 @@ class Plan:
 
 def finished_run(folder: Path, config: Config) -> Path | None:
     """The run directory in ``folder`` that finished this fold-run (``config``: method, fold, seed, sites), else
-    None; ConfigError when it was trained with other settings (reusing it would mix settings in one table)."""
+    None; ConfigError when it was trained with other settings (reusing it would mix settings in one table).
+
+    A run directory is ``folder/<run>/`` as a fold-run writes it, or ``folder`` itself holding only the small result
+    files (``final_metrics.json``, ``config.json``) as they are committed. A key the saved config lacks (added to
+    the project after that run) counts as its default; a centralized run ignores the federation's keys."""
     wanted = json.loads(to_json(config))
-    for final in sorted(folder.glob(f"*/{FINAL_METRICS}"), reverse=True):
+    defaults = Config().to_dict()
+    ignored = REUSE_IGNORES | (CENTRAL_ONLY_KEYS if METHODS[config.method].federated else FEDERATION_ONLY_KEYS)
+    for final in sorted([*folder.glob(FINAL_METRICS), *folder.glob(f"*/{FINAL_METRICS}")], reverse=True):
         try:
             f = json.loads(final.read_text())
             saved = json.loads((final.parent / CONFIG_JSON).read_text())
@@ -96,8 +105,9 @@ def finished_run(folder: Path, config: Config) -> Path | None:
         if ((f.get("method"), f.get("fold"), f.get("seed")) != (config.method, config.fold, config.seed)
                 or set(f.get("sites", {})) != set(config.sites)):
             continue
-        diff = [f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} now" for k in sorted(set(saved) | set(wanted))
-                if k not in REUSE_IGNORES and saved.get(k) != wanted.get(k)]
+        diff = [f"{k}: {saved.get(k, defaults.get(k))!r} there, {wanted.get(k)!r} now"
+                for k in sorted(set(saved) | set(wanted))
+                if k not in ignored and saved.get(k, defaults.get(k)) != wanted.get(k)]
         if diff:
             raise ConfigError(f"{final.parent} finished this fold-run with other settings ({'; '.join(diff)}); "
                               "use another --out or remove it")
@@ -144,8 +154,8 @@ def execute(plan: Plan, r: FoldRun) -> FoldRun:
     try:
         done = finished_run(folder, config)
         if done is not None:
-            log.info("fold %d seed %d: reusing %s", r.fold, r.seed, done)
-            r.run_dir, r.status, r.detail = str(done), "completed", "reused"
+            log.info("fold %d seed %d: done, skipped (%s)", r.fold, r.seed, done)
+            r.run_dir, r.status, r.detail = str(done), "completed", "done, skipped"
         elif not METHODS[plan.method].federated:
             r.run_dir, r.status = str(run_central(config, plan.method, plan.show_progress)), "completed"
         elif plan.engine == "inprocess":
@@ -237,26 +247,44 @@ class ProtocolRunner:
             "jobs": self.jobs, "runs": [asdict(r) for r in self.runs],
         })
 
-    def run(self) -> bool:
-        """Every fold-run (failures are recorded and the rest still run); True if all completed. ConfigError before
-        anything trains when a fold-run's folder holds a finished run of other settings."""
+    def run(self, deadline: float | None = None) -> bool:
+        """Every fold-run (failures are recorded and the rest still run); True if all completed. No fold-run starts
+        after ``deadline`` (time.monotonic()); those stay "pending". ConfigError before anything trains when a
+        fold-run's folder holds a finished run of other settings."""
         self.out.mkdir(parents=True, exist_ok=True)
         for r in self.runs:
             config = self.plan.config.replace(fold=r.fold, seed=r.seed, output_dir=r.folder, method=self.plan.method)
             if Path(r.folder).is_dir():
                 finished_run(Path(r.folder), config)
         self.record()
+
+        def may_start() -> bool:
+            return deadline is None or time.monotonic() < deadline
+
         if self.jobs == 1:
             for i, r in enumerate(self.runs):
+                if not may_start():
+                    break
                 self.runs[i] = execute(self.plan, r)
                 self.record()
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(self.jobs, mp_context=context, max_tasks_per_child=1) as pool:
-                futures = [pool.submit(_worker, self.plan, r) for r in self.runs]
-                for i, future in enumerate(futures):
-                    self.runs[i] = future.result()
+                waiting = list(range(len(self.runs)))
+                running: dict[Future, int] = {}
+                while waiting or running:
+                    while waiting and len(running) < self.jobs and may_start():
+                        i = waiting.pop(0)
+                        running[pool.submit(_worker, self.plan, self.runs[i])] = i
+                    if not running:
+                        break
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        self.runs[running.pop(future)] = future.result()
                     self.record()
+        for r in self.runs:
+            if r.status == "pending":
+                log.info("fold %d seed %d: not started (--stop-after reached)", r.fold, r.seed)
         return all(r.status == "completed" for r in self.runs)
 
 
@@ -280,6 +308,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--federation-config", default="client-resources-num-cpus=1",
                         help="Flower --federation-config for --engine flower (num-supernodes = number of sites)")
     parser.add_argument("--timeout", type=float, help="seconds per federated fold-run (--engine flower)")
+    parser.add_argument("--stop-after", type=float, metavar="MINUTES",
+                        help="start no fold-run after MINUTES (those in hand finish); run again to continue")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser.parse_args(argv)
 
@@ -288,6 +318,8 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
     """The runner for parsed arguments; ConfigError for settings that cannot work, before anything trains."""
     if args.seeds < 1 or args.jobs < 1:
         raise ConfigError("--seeds and --jobs must be >= 1")
+    if getattr(args, "stop_after", None) is not None and args.stop_after <= 0:
+        raise ConfigError("--stop-after must be > 0 minutes")
     overrides = parse_overrides(args.set)
     if args.jobs > 1 and "num-threads" not in overrides:  # the cores divided between the fold-runs
         overrides["num-threads"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -324,9 +356,10 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    deadline = time.monotonic() + 60 * args.stop_after if args.stop_after is not None else None
     try:
         runner = make_runner(args)
-        ok = runner.run()
+        ok = runner.run(deadline)
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
