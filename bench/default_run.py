@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -177,3 +178,43 @@ def default_run(b: Bench) -> dict[str, Any]:
         out["in_process"]["throughput_ratio_vs_one_bare_loop"] = round(out["in_process"]["images_per_s"] / one, 3)
     return out
 
+
+
+SHORT_ROUND_STEPS = (5, 10, 105)
+
+
+def short_rounds(b: Bench) -> dict[str, Any]:
+    """Steady-state cost of short rounds: the default run's method and sites at 5, 10 and 105 local steps per
+    round, the same image budget each (``SHORT_ROUND_STEPS``; quick: 210 steps per site, full: 1050), in process
+    and on Ray, against one bare loop per site side by side. Steady state: every round but the first (which
+    decodes the sites and builds the model). Reports rounds per minute and the federation's training images per
+    second over those rounds, and the ratio to the bare loops' images per second together."""
+    budget = 210 if b.args.quick else 1050
+    base = federated_config(default_run_config(**{"config-file": b.args.config}))
+    reference = bare_pair(b, base, b.profile["pair_steps"] or 105)
+    engines = [e for e in b.args.engines.split(",") if e]
+    out: dict[str, Any] = {"image_budget_steps_per_site": budget, "bare_pair": reference, "by_steps": {}}
+    for steps in SHORT_ROUND_STEPS:
+        rounds = max(3, budget // steps)
+        values: dict[str, Any] = {"config-file": b.args.config, "num-server-rounds": rounds, "local-steps": steps,
+                                  **({"overrides": b.extra} if b.extra else {})}
+        config = federated_config(default_run_config(**values))
+        images_per_round = steps * config.batch_size * len(config.sites)
+        row: dict[str, Any] = {"rounds": rounds}
+        measured = None
+        for engine in engines:
+            sub = b.folder(f"short-{steps}-{engine}")
+            run = (in_process(dataclasses.replace(b, work=sub), values, config) if engine == "inprocess" else
+                   ray_simulation(dataclasses.replace(b, work=sub), values, config, measured))
+            if engine == "inprocess":
+                measured = run
+            steady = [r["wall_seconds"] for r in run["rounds"][1:]]
+            seconds = sum(steady)
+            row[engine] = {"rounds_per_minute": round(60 * len(steady) / seconds, 2),
+                           "images_per_s": round(len(steady) * images_per_round / seconds, 2),
+                           "throughput_ratio_vs_bare_pair": round(len(steady) * images_per_round / seconds
+                                                                  / reference["images_per_s"], 3),
+                           "median_round_seconds": round(statistics.median(steady), 3),
+                           "wall_seconds": run["wall_seconds"], "rounds_detail": run["rounds"]}
+        out["by_steps"][str(steps)] = row
+    return out

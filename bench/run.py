@@ -28,7 +28,7 @@ if not __package__:  # `python bench/run.py`: load this folder as the package `b
 import torch
 
 from bench import sections as S
-from bench.default_run import default_run
+from bench.default_run import default_run, short_rounds
 from bench.headline import headline, table
 from fl_covid.config import load_config, parse_overrides
 from fl_covid.reporting import write_json
@@ -47,6 +47,7 @@ SECTIONS = {
     "ray-cluster": S.ray_cluster,
     "compile": S.torch_compile,
     "default-run": default_run,
+    "short-rounds": short_rounds,
 }
 DEFAULT_SECTIONS = ("data", "bare", "threads", "central", "flower", "components", "bytes", "scaling")
 

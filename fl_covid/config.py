@@ -86,10 +86,10 @@ class Config:
     min_sites: int = 0
     round_timeout: float = 0.0
     compression: str = "none"
-    # weight of each site in the average, computed by the server: "dataset" (training-set size as the site
-    # reported it in its first accepted reply, classic FedAvg; chosen on the validation splits, see
-    # docs/results.md) or "equal" (every site takes local-steps steps of batch-size images)
-    fedavg_weights: str = "dataset"
+    # weight of each site in the average, computed by the server: "equal" (the paper's objective: every site takes
+    # local-steps steps of batch-size images and counts the same, as 16 + 16 images in one centralized batch) or
+    # "dataset" (training-set size as the site reported it in its first accepted reply: FedAvg's objective)
+    fedavg_weights: str = "equal"
     max_update_norm: float = 0.0
     # deployment: "site=node-id,..." pins each site to the node the operator registered for it (empty: a site is
     # pinned to the node of its first accepted reply)

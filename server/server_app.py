@@ -37,6 +37,7 @@ class Run:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    started = time.perf_counter()
     config = federated_config(context.run_config)
     run = open_run(config, context.run_id)
     initial, proj_dim = initial_shared(config)
@@ -51,7 +52,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("Resuming %s after round %d of %d", run.dir, run.saved.round, config.num_server_rounds)
     round_seconds = run_rounds(grid, strategy, config, run, layout, R.weights_record(R.flatten(weights, layout)),
                                first)
-    finish(config, run, round_seconds)
+    finish(config, run, round_seconds, time.perf_counter() - started)
 
 
 def open_run(config: Config, run_id: int) -> Run:
@@ -114,13 +115,15 @@ def summarise(grid: Grid, strategy: SitesMixin, run: Run, arrays: ArrayRecord, s
                  r["val_auc"], r["accuracy"])
 
 
-def finish(config: Config, run: Run, round_seconds: dict[str, float]) -> None:
-    """final_metrics.json and figures from the last round's evaluation rows; the final metrics to the log."""
+def finish(config: Config, run: Run, round_seconds: dict[str, float], wall_seconds: float) -> None:
+    """final_metrics.json and figures from the last round's evaluation rows (with the ServerApp's wall time,
+    since this process started: a resumed run counts its own part); the final metrics to the log."""
     last_eval = _evaluations(run.writer.rows, config.num_server_rounds)
     per_site = {s: {**r, "n": r[R.NUM_EXAMPLES]} for s, r in last_eval.items()}
     final = run.writer.finish(config.method, per_site, {s: r[R.ROC_TPR] for s, r in last_eval.items()},
                               protocol=config.protocol, fold=config.fold, seed=config.seed,
-                              rounds=config.num_server_rounds, round_seconds=round_seconds)
+                              rounds=config.num_server_rounds, round_seconds=round_seconds,
+                              wall_seconds=round(wall_seconds, 1))
     for site, m in final["sites"].items():
         log.info("FINAL %s %s: AUC %.4f accuracy %.4f F1 %.4f sensitivity %.4f precision %.4f (n=%d)",
                  config.method, site, m["auc"], m["accuracy"], m["f1"], m["sensitivity"], m["precision"], m["n"])

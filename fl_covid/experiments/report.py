@@ -1,18 +1,20 @@
-"""Comparison of runs in the paper's Table I layout, with paired t-tests and ROC overlays.
+"""Comparison of runs in the paper's Table I layout, with paired t-tests, the paper's claims and ROC overlays.
 
-``fl-covid-report RUN_DIR... --out DIR`` reads ``final_metrics.json`` (and ``config.json``) of every run directory
-found under the given paths and writes ``DIR/table.md``, ``DIR/table.csv``, ``DIR/ttests.csv`` (when there is a
-test) and one ROC overlay per site, setting and protocol (``DIR/roc_<site>[...].png``). Rows: method x site;
-columns: Accuracy, F1, Sensitivity, Precision, AUC as mean +- sample std (ddof=1) over folds and seeds, in
-percent. Paired t-tests (``scipy.stats.ttest_rel``) of ours (``fedbn-proto``) against every other method per
-site and metric, pairs matched by (fold, seed). The paper's published AUCs stand in their own column, never
-mixed with ours.
+``fl-covid-report RUN_DIR... --out DIR [--planned N]`` reads ``final_metrics.json`` (and ``config.json``) of every
+run directory found under the given paths and writes ``DIR/table.md``, ``DIR/table.csv``, ``DIR/claims.csv``,
+``DIR/ttests.csv`` (when there is a test) and one ROC overlay per site, setting and protocol
+(``DIR/roc_<site>[...].png``). Rows: method x site; columns: n runs (of N planned), Accuracy, F1, Sensitivity,
+Precision, AUC as mean +- sample std (ddof=1) over folds and seeds, in percent, parameters and seconds per
+fold-run. Corrected paired t-tests of ours (``fedbn-proto``) and of the paper's method (``contrastive``) against
+every other method per site and metric, pairs matched by (fold, seed), and the paper's claims checked on them.
+The paper's published AUCs stand in their own column, never mixed with ours.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -26,13 +28,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from scipy import stats
 
-from fl_covid.config import PROTOCOL_TEXT
+from fl_covid.config import PROTOCOL_TEXT, Config
+from fl_covid.methods import METHODS
 from fl_covid.metrics import ROC_FPR_GRID
+from fl_covid.model import bn_keys, build_model, local_keys
 from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, atomic_write_bytes, save_figure, write_csv
 
 OURS = "fedbn-proto"
+REFERENCES = (OURS, "contrastive")  # the methods every other row is tested against
+# The paper's claims, each as (claim, the method with the higher AUC, the one with the lower)
+CLAIMS = (("Joint below Single", "single", "joint"),
+          ("Parallel adapter above Joint", "parallel-adapter", "joint"),
+          ("Contrastive above SepNorm", "contrastive", "sepnorm"),
+          ("Ours above FedBN", OURS, "fedbn"),
+          ("FedBN above FedAvg", "fedbn", "fedavg"))
 TABLE_METRICS = (("accuracy", "Accuracy"), ("f1", "F1"), ("sensitivity", "Sensitivity"),
                  ("precision", "Precision"), ("auc", "AUC"))
 OWN_TEST = "own test fold"
@@ -70,6 +82,9 @@ class SiteResult:
     exclude_label_conflicts: bool | None
     trained_sites: tuple[str, ...]
     folds: int = 4  # K of the run's K-fold split
+    width: float = 0.25
+    image_size: int = 64
+    wall_seconds: float | None = None  # the fold-run's wall time on the machine that ran it
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -106,7 +121,8 @@ def load_results(run_dir: Path) -> list[SiteResult]:
     return [SiteResult(run_dir, method, arch, label, setting, protocol, int(final["fold"]), int(final["seed"]),
                        site, {k: float(m[k]) for k, _ in TABLE_METRICS},
                        tuple(roc[site]) if site in roc else None, config.get("exclude-label-conflicts"), trained,
-                       int(config.get("folds", 4)))
+                       int(config.get("folds", 4)), float(config.get("width", 0.25)),
+                       int(config.get("image-size", 64)), final.get("wall_seconds"))
             for site, m in final["sites"].items()]
 
 
@@ -141,8 +157,31 @@ def aggregate(results: list[SiteResult]) -> list[dict[str, Any]]:
             row[f"{metric}_mean"], row[f"{metric}_std"] = m, s
         pub = PUBLISHED_AUC.get((rs[0].method, rs[0].arch), {}).get(site) if setting == OWN_TEST else None
         row["published_auc"] = pub if pub is not None else ""
+        r0, sites = rs[0], len(rs[0].trained_sites)
+        row["parameters_width_1"] = system_parameters(r0.method, r0.arch, 1.0, 224, sites)
+        row["parameters_as_run"] = system_parameters(r0.method, r0.arch, r0.width, r0.image_size, sites)
+        walls = [r.wall_seconds for r in rs if r.wall_seconds is not None]
+        row["seconds_per_run"] = round(float(np.mean(walls)), 1) if walls else ""
         rows.append(row)
     return rows
+
+
+@functools.cache
+def system_parameters(method: str, arch: str, width: float, image_size: int, num_sites: int) -> int:
+    """Parameters a method trains for ``num_sites`` sites: one model per site (single), one pooled model with its
+    per-site modules (joint, sepnorm, adapters, MS-Net), or the shared weights once plus each site's own modules
+    (federated). Counted on the meta device: nothing is allocated."""
+    spec = METHODS[method]
+    config = Config(method=method, arch=arch, width=width, image_size=image_size)
+    with torch.device("meta"):
+        model = build_model(config, num_sites if spec.pooled and spec.per_site_bn else 1)
+    params = dict(model.named_parameters())
+    if spec.federated:
+        local = local_keys(model) - (bn_keys(model) if spec.shares_bn else set())
+        per_site = sum(p.numel() for n, p in params.items() if n in local)
+        return sum(p.numel() for p in params.values()) + (num_sites - 1) * per_site
+    total = sum(p.numel() for p in params.values())
+    return total if spec.pooled else num_sites * total
 
 
 def corrected_ttest(diffs: np.ndarray, test_train_ratio: float) -> tuple[float, float]:
@@ -168,33 +207,70 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def paired_tests(results: list[SiteResult], ours: str = OURS) -> list[dict[str, Any]]:
-    """Ours against each other method per setting, protocol, site and metric, paired by (fold, seed): the mean
-    difference (ours minus other, percentage points), the plain paired t-test (``p_plain``), Nadeau & Bengio's
-    corrected t-test (``t``, ``p``; test/train ratio 1/(K-1) of K-fold), and ``p_holm``: ``p`` adjusted by Holm
-    over every test of the report. t and p are NaN with fewer than 2 pairs or when every difference is equal."""
+def _by_method(results: list[SiteResult]) -> dict[tuple[str, str, str, str], dict[tuple[int, int], SiteResult]]:
     by: dict[tuple[str, str, str, str], dict[tuple[int, int], SiteResult]] = {}
     for r in results:
         by.setdefault(_key(r), {})[(r.fold, r.seed)] = r
-    out = []
-    for (setting, protocol, site, label), mine in sorted(by.items()):
-        if label != ours:
-            continue
-        for (s2, p2, site2, other), theirs in sorted(by.items()):
-            if (s2, p2, site2) != (setting, protocol, site) or other == ours:
+    return by
+
+
+def _paired(mine: dict[tuple[int, int], SiteResult], theirs: dict[tuple[int, int], SiteResult], metric: str
+            ) -> dict[str, Any]:
+    """Mine minus theirs in percentage points over the shared (fold, seed) pairs: n, mean, corrected t and p
+    (test/train ratio 1/(K-1) of K-fold) and the plain paired p."""
+    pairs = sorted(set(mine) & set(theirs))
+    folds = max((mine[p].folds for p in pairs), default=2)
+    d = np.array([100 * (mine[p].metrics[metric] - theirs[p].metrics[metric]) for p in pairs])
+    t, p = corrected_ttest(d, 1 / max(folds - 1, 1))
+    plain = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) >= 2 and np.ptp(d) > 0 else float("nan")
+    return {"n_pairs": len(pairs), "mean_diff": float(np.mean(d)) if pairs else float("nan"), "t": t, "p": p,
+            "p_plain": plain}
+
+
+def paired_tests(results: list[SiteResult], references: Iterable[str] = REFERENCES) -> list[dict[str, Any]]:
+    """Each reference method (ours, ``fedbn-proto``, and the paper's, ``contrastive``) against each other method
+    per setting, protocol, site and metric, paired by (fold, seed): the mean difference (reference minus other,
+    percentage points), the plain paired t-test (``p_plain``), Nadeau & Bengio's corrected t-test (``t``, ``p``)
+    and ``p_holm``: ``p`` adjusted by Holm over every test of the report. A pair of methods is tested once. t and
+    p are NaN with fewer than 2 pairs or when every difference is equal."""
+    by = _by_method(results)
+    out, done = [], set()
+    for ours in references:
+        for (setting, protocol, site, label), mine in sorted(by.items()):
+            if label != ours:
                 continue
-            pairs = sorted(set(mine) & set(theirs))
-            folds = max((mine[p].folds for p in pairs), default=2)
-            for metric, _ in TABLE_METRICS:
-                d = np.array([100 * (mine[p].metrics[metric] - theirs[p].metrics[metric]) for p in pairs])
-                t, p = corrected_ttest(d, 1 / max(folds - 1, 1))
-                plain = float(stats.ttest_1samp(d, 0.0).pvalue) if len(d) >= 2 and np.ptp(d) > 0 else float("nan")
-                out.append({"setting": setting, "protocol": protocol, "site": site, "metric": metric,
-                            "ours": ours, "other": other, "n_pairs": len(pairs),
-                            "mean_diff": float(np.mean(d)) if pairs else float("nan"), "t": t, "p": p,
-                            "p_plain": plain})
+            for (s2, p2, site2, other), theirs in sorted(by.items()):
+                if (s2, p2, site2) != (setting, protocol, site) or other == ours or (other, ours, setting,
+                                                                                      protocol, site) in done:
+                    continue
+                done.add((ours, other, setting, protocol, site))
+                for metric, _ in TABLE_METRICS:
+                    out.append({"setting": setting, "protocol": protocol, "site": site, "metric": metric,
+                                "ours": ours, "other": other, **_paired(mine, theirs, metric)})
     for test, adjusted in zip(out, holm([t["p"] for t in out])):
         test["p_holm"] = adjusted
+    return out
+
+
+def check_claims(results: list[SiteResult]) -> list[dict[str, Any]]:
+    """The paper's claims (``CLAIMS``: the better method's AUC above the worse one's) on each site's own test
+    fold: the paired AUC difference, the corrected p and the verdict (holds / does not hold: significant at 0.05
+    either way; not significant; no data: no shared fold-runs)."""
+    by = _by_method(results)
+    out = []
+    for claim, better, worse in CLAIMS:
+        for protocol, site in sorted({(k[1], k[2]) for k in by if k[0] == OWN_TEST}):
+            mine, theirs = by.get((OWN_TEST, protocol, site, better), {}), by.get((OWN_TEST, protocol, site, worse), {})
+            test = _paired(mine, theirs, "auc")
+            if test["n_pairs"] < 2:
+                verdict = "no data" if not test["n_pairs"] else "not significant"
+            elif np.isfinite(test["p"]) and test["p"] < 0.05:
+                verdict = "holds" if test["mean_diff"] > 0 else "does not hold"
+            else:
+                verdict = "not significant"
+            out.append({"claim": claim, "better": better, "worse": worse, "protocol": protocol, "site": site,
+                        "n_pairs": test["n_pairs"], "auc_diff": test["mean_diff"], "p": test["p"],
+                        "verdict": verdict})
     return out
 
 
@@ -218,7 +294,12 @@ def _fmt_p(p: float) -> str:
     return "n/a" if not np.isfinite(p) else (f"{p:.2e}" if p < 1e-3 else f"{p:.3f}")
 
 
-def markdown(results: list[SiteResult], rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> str:
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e6:.2f} M"
+
+
+def markdown(results: list[SiteResult], rows: list[dict[str, Any]], tests: list[dict[str, Any]],
+             claims: list[dict[str, Any]], planned: int = 0) -> str:
     """The report as Markdown: protocol statement, Table I, published anchors and t-tests."""
     protocols = sorted({r.protocol for r in results})
     excl = {r.exclude_label_conflicts for r in results}
@@ -237,32 +318,47 @@ def markdown(results: list[SiteResult], rows: list[dict[str, Any]], tests: list[
               "- Published: AUC from the paper (Wang, Liu, Dou, JBHI 2020) at its own protocol (image-level 4-fold, "
               "224 px, full model, 100 epochs); not measured here and not comparable to ours unless the protocol "
               "and settings match.", ""]
-    header = ["Setting", "Protocol", "Site", "Method", "n", *[name for _, name in TABLE_METRICS],
-              "AUC, published (paper)"]
+    lines += ["- Parameters: what the method trains for its sites (one model per site for Single, the shared weights "
+              "once plus each site's own modules for the federated methods), at width 1.0 and 224 px and at the "
+              "runs' own width and size; s / run: mean wall time of a fold-run on the machine that ran it.", ""]
+    header = ["Setting", "Protocol", "Site", "Method", "n" + (f" / {planned}" if planned else ""),
+              *[name for _, name in TABLE_METRICS], "AUC, published (paper)", "Parameters (1.0, 224 px)",
+              "Parameters (as run)", "s / run"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["setting"], row["protocol"], row["site"], row["method"], str(row["n_runs"]),
+        cells = [row["setting"], row["protocol"], row["site"], row["method"],
+                 f"{row['n_runs']}" + (f" / {planned}" if planned else ""),
                  *[_fmt(row[f"{m}_mean"], row[f"{m}_std"]) for m, _ in TABLE_METRICS],
-                 f"{row['published_auc']:.2f}" if row["published_auc"] != "" else ""]
+                 f"{row['published_auc']:.2f}" if row["published_auc"] != "" else "",
+                 _fmt_params(row["parameters_width_1"]), _fmt_params(row["parameters_as_run"]),
+                 f"{row['seconds_per_run']:.0f}" if row["seconds_per_run"] != "" else ""]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## The paper's claims on this protocol (AUC, own test fold)", "",
+              "Paired by (fold, seed), corrected t-test as below; holds / does not hold: p < 0.05 in the claimed / "
+              "the other direction; not significant otherwise.", "",
+              "| Claim | Protocol | Site | pairs | AUC difference | p | Verdict |", "|---|---|---|---|---|---|---|"]
+    for c in claims:
+        diff = f"{c['auc_diff']:+.2f}" if np.isfinite(c["auc_diff"]) else "n/a"
+        lines.append(f"| {c['claim']} ({c['better']} - {c['worse']}) | {c['protocol']} | {c['site']} | "
+                     f"{c['n_pairs']} | {diff} | {_fmt_p(c['p'])} | {c['verdict']} |")
     lines += ["", "## Published anchors (paper, not ours)", "", "| Method | Site | AUC, published |", "|---|---|---|"]
     for key, per_site in PUBLISHED_AUC.items():
         for site, auc in per_site.items():
             lines.append(f"| {PUBLISHED_TEXT[key]} | {site} | {auc:.2f} |")
-    lines += ["", f"## Paired t-tests: {OURS} (ours) vs each method", "",
-              "Runs paired by (fold, seed); difference = ours - other in percentage points. t and p: Nadeau & Bengio's "
+    lines += ["", f"## Paired t-tests: {' and '.join(REFERENCES)} vs each method", "",
+              "Runs paired by (fold, seed); difference = reference - other in percentage points. t and p: Nadeau & Bengio's "
               "corrected resampled t-test (variance scaled by 1/J + 1/(K-1): K-fold splits share training data); "
               "p Holm: p adjusted by Holm over every test of this report; p plain: the uncorrected paired t-test, "
               "for reference. n/a: fewer than 2 pairs or identical differences.", ""]
     if tests:
-        lines += ["| Setting | Protocol | Site | Metric | Other | pairs | mean diff | t | p | p Holm | p plain |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| Setting | Protocol | Site | Metric | Reference | Other | pairs | mean diff | t | p | p Holm | "
+                  "p plain |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for t in tests:
-            lines.append(f"| {t['setting']} | {t['protocol']} | {t['site']} | {t['metric']} | {t['other']} | "
+            lines.append(f"| {t['setting']} | {t['protocol']} | {t['site']} | {t['metric']} | {t['ours']} | {t['other']} | "
                          f"{t['n_pairs']} | {t['mean_diff']:+.2f} | {t['t']:.3f} | {_fmt_p(t['p'])} | "
                          f"{_fmt_p(t['p_holm'])} | {_fmt_p(t['p_plain'])} |")
     else:
-        lines.append(f"No t-tests: no `{OURS}` runs, or no other method in the same setting.")
+        lines.append(f"No t-tests: no runs of {', '.join(REFERENCES)}, or no other method in the same setting.")
     return "\n".join(lines) + "\n"
 
 
@@ -297,16 +393,19 @@ def plot_roc_overlays(results: list[SiteResult], out: Path) -> list[Path]:
     return files
 
 
-def write_report(paths: Iterable[str | Path], out: str | Path) -> list[Path]:
-    """Everything of ``fl-covid-report``; returns the files written."""
+def write_report(paths: Iterable[str | Path], out: str | Path, planned: int = 0) -> list[Path]:
+    """Everything of ``fl-covid-report``; returns the files written. ``planned``: fold-runs planned per row."""
     out = Path(out)
     results = mark_partial_training([r for d in find_run_dirs(paths) for r in load_results(d)])
     check_unique(results)
-    rows, tests = aggregate(results), paired_tests(results)
+    rows, tests, claims = aggregate(results), paired_tests(results), check_claims(results)
+    for row in rows:
+        row["n_planned"] = planned or ""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "table.md", markdown(results, rows, tests).encode())
+    atomic_write_bytes(out / "table.md", markdown(results, rows, tests, claims, planned).encode())
     write_csv(out / "table.csv", rows)
-    files = [out / "table.md", out / "table.csv"]
+    write_csv(out / "claims.csv", claims)
+    files = [out / "table.md", out / "table.csv", out / "claims.csv"]
     if tests:
         write_csv(out / "ttests.csv", tests)
         files.append(out / "ttests.csv")
@@ -316,10 +415,13 @@ def write_report(paths: Iterable[str | Path], out: str | Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fl-covid-report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run directories, or folders searched for them")
-    parser.add_argument("--out", required=True, help="folder for table.md, table.csv, ttests.csv, roc_*.png")
+    parser.add_argument("--out", required=True,
+                        help="folder for table.md, table.csv, claims.csv, ttests.csv, roc_*.png")
+    parser.add_argument("--planned", type=int, default=0, metavar="N",
+                        help="fold-runs planned per row (folds x seeds), shown beside n")
     args = parser.parse_args(argv)
     try:
-        files = write_report(args.runs, args.out)
+        files = write_report(args.runs, args.out, args.planned)
     except (ReportError, json.JSONDecodeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
