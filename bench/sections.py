@@ -323,7 +323,7 @@ def round_bytes(config: Config, num_sites: int) -> dict[str, Any]:
     flat = R.flatten(initial, layout)
     strategy = build_strategy(config, f"{config.method}-run1", len(flat), proj_dim)
     if config.spec.prototypes:
-        strategy.restore(_bank(num_sites, config.prototypes_per_class, proj_dim))
+        strategy.restore(_bank(num_sites, config.prototypes_per_class, proj_dim), {})
     grid = LocalGrid(default_run_config(), num_sites)  # its message factory and node ids only
     rng = np.random.default_rng(0)
     sent: dict[str, Message] = {}

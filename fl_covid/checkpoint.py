@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -191,33 +191,36 @@ def _older(old: dict[str, Any], new: dict[str, Any]) -> bool:
 @dataclass
 class ServerState:
     """What the server holds after a completed round: the shared weights it will send next, the prototype bank,
-    the per-site metric rows so far and the config (kebab-case dict) of the run. The server's only randomness,
-    node sampling, is re-seeded from ``seed`` and the round (``SAMPLING``), so no RNG state needs saving."""
+    the server optimizer's state (FedAdam / FedYogi moments, FedAvgM momentum; empty for FedAvg), the per-site
+    metric rows so far and the config (kebab-case dict) of the run. The server's only randomness, node sampling,
+    is re-seeded from ``seed`` and the round (``SAMPLING``), so no RNG state needs saving."""
 
     round: int
     shared: dict[str, torch.Tensor]
     bank: PrototypeBank
     history: list[dict[str, Any]]
     config: dict[str, Any]
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, folder: Path) -> None:
         """Write the whole state atomically (``StateStore``)."""
         bank = {"vectors": self.bank.vectors, "labels": self.bank.labels, "sites": self.bank.sites,
                 "counts": self.bank.counts}
-        StateStore(folder).save({"shared": self.shared, "bank": bank},
+        StateStore(folder).save({"shared": self.shared, "bank": bank, "server-optimizer": self.optimizer},
                                 {"round": self.round, "sampling": SAMPLING, "config": self.config,
                                  "history": self.history})
 
     @staticmethod
     def load(folder: Path) -> ServerState | None:
         """The last saved state, or None when ``folder`` holds none."""
-        loaded = StateStore(folder).load(("shared", "bank"))
+        loaded = StateStore(folder).load(("shared", "bank", "server-optimizer"))
         if loaded is None:
             return None
         tensors, meta = loaded
         b = tensors["bank"]
         bank = PrototypeBank(b["vectors"].float(), b["labels"].long(), b["sites"].long(), b["counts"].long())
-        return ServerState(int(meta["round"]), tensors["shared"], bank, meta["history"], meta["config"])
+        return ServerState(int(meta["round"]), tensors["shared"], bank, meta["history"], meta["config"],
+                           tensors.get("server-optimizer", {}))
 
     def check_config(self, config: dict[str, Any], folder: Path) -> None:
         """ConfigError unless ``config`` matches the saved run's, except for ``RESUMABLE_KEYS``."""

@@ -48,7 +48,7 @@ def main(grid: Grid, context: Context) -> None:
     weights, first = initial, 1
     if run.saved is not None:
         weights, first = run.saved.shared, run.saved.round + 1
-        strategy.restore(run.saved.bank)
+        strategy.restore(run.saved.bank, run.saved.optimizer)
         log.info("Resuming %s after round %d of %d", run.dir, run.saved.round, config.num_server_rounds)
     round_seconds = run_rounds(grid, strategy, config, run, layout, R.weights_record(R.flatten(weights, layout)),
                                first)
@@ -97,7 +97,7 @@ def run_rounds(grid: Grid, strategy: SitesMixin, config: Config, run: Run, layou
             write_json(run.dir / PRIVACY_JSON,
                        privacy_report(config.dp_epsilon, config.dp_delta, config.dp_clip, releases))
         ServerState(rnd, R.unflatten(arrays[R.FLAT].numpy(), layout), strategy.bank, run.writer.rows,
-                    config.to_dict()).save(run.dir / CHECKPOINT)
+                    config.to_dict(), strategy.optimizer_state()).save(run.dir / CHECKPOINT)
         round_seconds[str(rnd)] = time.perf_counter() - started
         log.info("round %d took %.2f s", rnd, round_seconds[str(rnd)])
     summarise(grid, strategy, run, arrays, config.num_server_rounds + 1, timeout)

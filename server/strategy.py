@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
@@ -72,9 +73,25 @@ class SitesMixin:
     def lr_for(self, server_round: int) -> float:
         return cosine_lr(self.config.lr, server_round - 1, self.config.num_server_rounds)
 
-    def restore(self, bank: PrototypeBank) -> None:
-        """Continue from a checkpoint's prototype bank (resume)."""
+    def restore(self, bank: PrototypeBank, optimizer: dict[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's prototype bank and server optimizer state (resume)."""
         self.bank = bank
+        for name in ("m_t", "v_t"):  # FedAdam / FedYogi: moments by array name
+            moments = {k.split(".", 1)[1]: v.numpy() for k, v in optimizer.items() if k.startswith(f"{name}.")}
+            if moments:
+                setattr(self, name, moments)
+        momentum = sorted((int(k.split(".", 1)[1]), v.numpy()) for k, v in optimizer.items()
+                          if k.startswith("momentum_vector."))
+        if momentum:  # FedAvgM: one array per array of the record, in order
+            self.momentum_vector = [v for _, v in momentum]
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The server optimizer's state Flower keeps in the strategy (saved with every checkpoint)."""
+        out = {f"{name}.{k}": torch.from_numpy(np.ascontiguousarray(v))
+               for name in ("m_t", "v_t") for k, v in (getattr(self, name, None) or {}).items()}
+        for i, v in enumerate(getattr(self, "momentum_vector", None) or []):
+            out[f"momentum_vector.{i}"] = torch.from_numpy(np.ascontiguousarray(v))
+        return out
 
     @property
     def max_prototype_rows(self) -> int:

@@ -34,6 +34,7 @@ RUN_ID = 4242
 # A few steps per round keep a smoke round at about a second on two CPU cores.
 SMOKE = {"config-file": "configs/smoke.yaml", "local-steps": 3}
 
+DROPPED_REPLY_TIMEOUT_S = 1.0
 Tamper = Callable[[int, Message], Message | None]
 __all__ = ["Delivery", "RecordingGrid", "copy_context", "run_dir", "run_federation", "shared_run", "wire"]
 
@@ -133,7 +134,11 @@ def run_federation(output_dir: Path, num_sites: int = 2, tamper: Tamper | None =
                    node_config: dict[str, Any] | None = None, run_id: int = RUN_ID, **values: Any) -> RecordingGrid:
     """Run the real ServerApp on an in-process grid of ``num_sites`` ClientApps; returns the grid (with its
     record of every message). ``values`` are run-config keys (``method``, ``num-server-rounds``, ...);
-    ``node_config`` is added to every site's node config (policy keys)."""
+    ``node_config`` is added to every site's node config (policy keys). With ``tamper``, round-timeout is
+    DROPPED_REPLY_TIMEOUT_S unless ``overrides`` sets it: the server waits that long for a dropped reply."""
+    if tamper is not None and "round-timeout" not in str(values.get("overrides", "")):
+        # a dropped reply is a site that never answers: the server waits for it until round-timeout
+        values["overrides"] = f"{values.get('overrides', '')} round-timeout={DROPPED_REPLY_TIMEOUT_S}".strip()
     config = default_run_config(**{**SMOKE, "output-dir": str(output_dir), **values})
     grid = RecordingGrid(config, num_sites, run_id=run_id, tamper=tamper, node_config=node_config)
     with grid.observing():

@@ -53,6 +53,22 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
     assert all(resumed[k].dtype == reference[k].dtype and torch.equal(resumed[k], reference[k]) for k in resumed)
 
 
+@pytest.mark.parametrize("method", ["fedadam", "fedavgm"])
+def test_a_resumed_server_optimizer_keeps_its_moments(tmp_path: Path, method: str) -> None:
+    """FedAdam's moments and FedAvgM's momentum live in Flower's strategy: the checkpoint carries them, so the
+    resumed run ends bitwise where the uninterrupted one does (without them round 2 restarts the moments)."""
+    _, reference_out = shared_run(method)
+    with pytest.raises(NotEnoughSites, match="round 2"):
+        run_federation(tmp_path, method=method, tamper=lose_round_2_training(), **{"num-server-rounds": 2})
+    folder = run_dir(tmp_path)
+    saved = load_tensors(folder / "checkpoint" / "server-optimizer.npz")
+    assert saved and all(v.abs().sum() > 0 for v in saved.values())
+    run_federation(tmp_path, method=method, resume=str(folder), **{"num-server-rounds": 2})
+    resumed = load_tensors(folder / "checkpoint" / "shared.npz")
+    reference = load_tensors(run_dir(reference_out) / "checkpoint" / "shared.npz")
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference)
+
+
 def test_resume_with_other_settings_is_refused(tmp_path: Path) -> None:
     run_federation(tmp_path, **{"num-server-rounds": 1})
     folder = run_dir(tmp_path)
