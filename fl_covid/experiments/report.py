@@ -161,7 +161,7 @@ def aggregate(results: list[SiteResult]) -> list[dict[str, Any]]:
         row["parameters_width_1"] = system_parameters(r0.method, r0.arch, 1.0, 224, sites)
         row["parameters_as_run"] = system_parameters(r0.method, r0.arch, r0.width, r0.image_size, sites)
         walls = [r.wall_seconds for r in rs if r.wall_seconds is not None]
-        row["seconds_per_run"] = round(float(np.mean(walls)), 1) if walls else ""
+        row["seconds_per_run"] = round(float(np.median(walls)), 1) if walls else ""
         rows.append(row)
     return rows
 
@@ -320,7 +320,7 @@ def markdown(results: list[SiteResult], rows: list[dict[str, Any]], tests: list[
               "and settings match.", ""]
     lines += ["- Parameters: what the method trains for its sites (one model per site for Single, the shared weights "
               "once plus each site's own modules for the federated methods), at width 1.0 and 224 px and at the "
-              "runs' own width and size; s / run: mean wall time of a fold-run on the machine that ran it.", ""]
+              "runs' own width and size; s / run: median wall time of a fold-run on the machine that ran it.", ""]
     header = ["Setting", "Protocol", "Site", "Method", "n" + (f" / {planned}" if planned else ""),
               *[name for _, name in TABLE_METRICS], "AUC, published (paper)", "Parameters (1.0, 224 px)",
               "Parameters (as run)", "s / run"]
