@@ -409,6 +409,9 @@ def federated_config(run_config: Mapping[str, Any], at_site: bool = False) -> Co
     if not config.spec.federated:
         raise ConfigError(f"config key 'method' is {config.method!r}, a centralized method: a federated run needs "
                           f"one of {FEDERATED_METHODS} (run centralized methods with fl-covid-central)")
+    if config.spec.contrastive and config.arch != "redesigned":
+        raise ConfigError(f"config key 'arch' is {config.arch!r}, but method {config.method!r} needs "
+                          "arch=redesigned (the original COVID-Net has no projection head for prototypes)")
     if not at_site:
         from_yaml = load_config(file)
         for key in scalars.keys() - overrides.keys():

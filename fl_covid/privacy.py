@@ -115,12 +115,15 @@ def release_event(epsilon: float, delta: float, clip: float) -> dp_event.DpEvent
     return dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(sums), dp_event.GaussianDpEvent(counts)])
 
 
-def composed_epsilon(events: list[tuple[dp_event.DpEvent, int]], delta: float) -> float:
+def composed_epsilon(events: list[tuple[dp_event.DpEvent, int]], delta: float, largest_epsilon: float = 1.0
+                     ) -> float:
     """The epsilon at ``delta`` of ``count`` releases of each event, composed by privacy loss distributions
-    (Google's dp-accounting PLD accountant, tight for Gaussian mechanisms)."""
+    (Google's dp-accounting PLD accountant, tight for Gaussian mechanisms). The privacy loss is discretised in steps
+    of 1e-4 x max(1, ``largest_epsilon``, the largest per-release epsilon): the accountant's cost grows with the
+    loss range over the step, and its pessimistic discretisation keeps the result an upper bound either way."""
     if not events:
         return 0.0
-    accountant = pld.PLDAccountant()
+    accountant = pld.PLDAccountant(value_discretization_interval=1e-4 * max(1.0, largest_epsilon))
     for event, count in events:
         accountant.compose(event, count)
     return float(accountant.get_epsilon(delta))
@@ -137,8 +140,8 @@ def privacy_report(epsilon: float, delta: float, clip: float, releases: int) -> 
         "dp-epsilon": epsilon, "dp-delta": delta, "dp-clip": clip,
         "sigma-sum": gaussian_sigma(epsilon, delta, clip), "sigma-count": gaussian_sigma(epsilon, delta, 1.0),
         "releases": releases,
-        "per-release": {"epsilon": composed_epsilon([(event, 1)], delta), "delta": delta},
-        "total": {"epsilon": composed_epsilon([(event, releases)], delta), "delta": delta,
+        "per-release": {"epsilon": composed_epsilon([(event, 1)], delta, epsilon), "delta": delta},
+        "total": {"epsilon": composed_epsilon([(event, releases)], delta, epsilon), "delta": delta,
                   "accounting": "privacy loss distributions of the Gaussian mechanisms (dp-accounting PLD), "
                                 "composed over the two releases of a round and over rounds"},
     }
@@ -160,7 +163,8 @@ class PrivacyLedger:
         for r in {**self.releases, **(planned or {})}.values():
             key = (r["dp-epsilon"], r["dp-delta"])
             counts[key] = counts.get(key, 0) + 1
-        return composed_epsilon([(release_event(e, d, 1.0), n) for (e, d), n in counts.items()], delta)
+        return composed_epsilon([(release_event(e, d, 1.0), n) for (e, d), n in counts.items()], delta,
+                                max((e for e, _ in counts), default=1.0))
 
     @staticmethod
     def release(run: str, server_round: int, epsilon: float, delta: float) -> dict[str, dict[str, float]]:

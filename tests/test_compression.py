@@ -79,8 +79,8 @@ def test_encode_refuses_what_it_cannot_represent() -> None:
 
 def test_federation_sends_fp16_both_ways_and_averages_in_float32(tmp_path: Path) -> None:
     """Real ServerApp and ClientApps (in process, over Flower's wire format), fedbn, two rounds, fp16."""
-    grid = run_federation(tmp_path, method="fedbn", overrides="compression=fp16 fedavg-weights=equal",
-                          **{"num-server-rounds": 2, "eval-every": 1})
+    grid = run_federation(tmp_path, method="fedbn", overrides="compression=fp16 fedavg-weights=equal eval-every=1",
+                          **{"num-server-rounds": 2})
     float16 = np.dtype(np.float16)
     for msg in grid.sent:  # server -> site: the summaries carry the weights, the train messages their digest
         if R.WEIGHTS in msg.content:

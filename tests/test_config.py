@@ -127,3 +127,16 @@ def test_federated_config_bad_override_names_the_key(tmp_path: Path) -> None:
     file.write_text("width: 0.125\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="'temperature'"):
         federated_config({"config-file": str(file), "overrides": "temperature=-1"})
+
+
+def test_a_federated_run_of_a_contrastive_method_refuses_the_original_covidnet() -> None:
+    with pytest.raises(ConfigError, match="config key 'arch'.*fedbn-proto.*redesigned"):
+        federated_config({"method": "fedbn-proto", "overrides": "arch=covidnet"})
+    assert federated_config({"method": "fedbn", "overrides": "arch=covidnet"}).arch == "covidnet"
+
+
+def test_the_in_process_run_config_refuses_unknown_keys() -> None:
+    from fl_covid.experiments.federation import default_run_config
+
+    with pytest.raises(ConfigError, match=r"unknown run-config keys \['eval-every'\].*overrides"):
+        default_run_config(**{"eval-every": 1})

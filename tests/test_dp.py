@@ -180,8 +180,8 @@ def test_federated_round_with_dp(tmp_path: Path) -> None:
 def test_prototypes_are_released_on_the_schedule_only(tmp_path: Path) -> None:
     """prototype-every 2 over 3 rounds: the summaries of rounds 1 and 3 carry prototypes (the bank of round 1 is
     sent again in round 2), the sites count two DP releases, each over every training image."""
-    grid = run_federation(tmp_path, method="fedbn-proto", overrides="dp-epsilon=50 prototype-every=2 summary-images=4",
-                          **{"num-server-rounds": 3, "eval-every": 1})
+    grid = run_federation(tmp_path, method="fedbn-proto", overrides="dp-epsilon=50 prototype-every=2 summary-images=4 eval-every=1",
+                          **{"num-server-rounds": 3})
     for rnd, due in ((1, True), (2, False), (3, True), (4, False)):  # 4: the final summary
         for site in (0, 1):
             d = grid.delivery(site, rnd, "evaluate")

@@ -50,8 +50,12 @@ def wire(msg: Message) -> Message:
 
 
 def default_run_config(**values: Any) -> dict[str, Any]:
-    """The run config Flower would pass: pyproject's ``[tool.flwr.app.config]`` with ``values`` on top."""
+    """The run config Flower would pass: pyproject's ``[tool.flwr.app.config]`` with ``values`` on top; a key that
+    is not in it is refused, as ``flwr run --run-config`` refuses it."""
     defaults = tomllib.loads((project_root() / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    if unknown := sorted(set(values) - set(defaults)):  # Flower refuses them too; other settings go in overrides
+        raise ConfigError(f"unknown run-config keys {unknown}; known: {', '.join(sorted(defaults))} (put other "
+                          "config keys in 'overrides')")
     return {**defaults, **values}
 
 
