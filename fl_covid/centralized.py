@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, site_folder
+from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, VAL_PREDICTIONS_CSV, site_folder
 from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
 from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
@@ -77,8 +77,10 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
     for j, k in enumerate(members):
         site, split = sites[k]
         bn_index = j if per_site_bn else 0
-        val, _ = evaluate(model, site.images[split.val], site.labels[split.val], bn_index, config.image_size, device)
+        val, val_probs = evaluate(model, site.images[split.val], site.labels[split.val], bn_index, config.image_size,
+                                  device)
         folder = site_folder(writer.dir.parent, writer.dir.name, site.name)
+        write_predictions(folder / VAL_PREDICTIONS_CSV, site, split.val, val_probs)
         save_site_model(folder / SITE_MODEL, one_site_state(model, bn_index), model_card(
             config, site, split.train, run=writer.dir.name, method=method, rounds=config.epochs,
             validation={k: v for k, v in val.items() if k != "n"}))

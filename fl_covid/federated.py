@@ -112,7 +112,8 @@ class Summary:
     """What a site makes of the weights it received at the start of a round (before training on them).
 
     ``metrics``: test-fold metrics and the validation split's as ``val_<name>`` (None when no evaluation was
-    due); ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID); ``prototypes``: this
+    due); ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID), (n_test,);
+    ``val_probs``: the validation split's per-image P(COVID), (n_val,); ``prototypes``: this
     site's prototypes in the received network (None when the method exchanges none); ``bn``: the BN state to
     train from (statistics re-estimated under the received weights with ``bn-recalibration``, else the site's).
     """
@@ -122,6 +123,7 @@ class Summary:
     probs: np.ndarray | None
     prototypes: PrototypeBank | None
     bn: dict[str, torch.Tensor]
+    val_probs: np.ndarray | None = None
 
 
 class SiteRunner:
@@ -177,9 +179,9 @@ class SiteRunner:
         subset = self.summary_indices(server_round)
         if cfg.bn_recalibration and not cfg.spec.shares_bn:
             recalibrate_bn(self.model, images[subset], cfg.image_size, device=self.device)
-        metrics = roc = probs = None
+        metrics = roc = probs = val_probs = None
         if evaluate_now:
-            val, _ = evaluate(self.model, images[self.split.val], labels[self.split.val], 0, cfg.image_size,
+            val, val_probs = evaluate(self.model, images[self.split.val], labels[self.split.val], 0, cfg.image_size,
                               self.device)
             metrics, probs = evaluate(self.model, images[self.split.test], labels[self.split.test], 0,
                                       cfg.image_size, self.device)
@@ -195,7 +197,7 @@ class SiteRunner:
                 if cfg.dp_epsilon > 0 else
                 class_prototypes(z, y, per_class=cfg.prototypes_per_class, min_count=cfg.min_prototype_images,
                                  seed=derive(cfg.seed, "prototypes", self.site_id, server_round))))
-        return Summary(metrics, roc, probs, prototypes, self._local_part())
+        return Summary(metrics, roc, probs, prototypes, self._local_part(), val_probs)
 
     def train(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None, local: LocalState | None,
               lr: float, server_round: int, bank: PrototypeBank | None
