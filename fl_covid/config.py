@@ -265,11 +265,15 @@ class Config:
 def project_root() -> Path:
     """The project's source folder, also when the code runs from a Flower app bundle.
 
-    Flower imports the app from an unpacked copy without the embedded data; the installed distribution
-    (``pip install -e .``) still knows where the project lives. ``FL_COVID_HOME`` overrides both.
+    The checkout this code was imported from, when it holds the embedded data's manifests (a source checkout,
+    e.g. one on ``PYTHONPATH``); Flower imports the app from an unpacked copy without them (an app bundle holds
+    no CSV), and then the installed distribution (``pip install -e .``) still knows where the project lives.
+    ``FL_COVID_HOME`` overrides both.
     """
     if env := os.environ.get("FL_COVID_HOME"):
         return Path(env).expanduser().resolve()
+    if any((PACKAGE_DIR.parent / "data").glob("*/manifest.csv")):
+        return PACKAGE_DIR.parent
     try:
         direct = metadata.distribution("fl-covid").read_text("direct_url.json")
     except metadata.PackageNotFoundError:
