@@ -179,26 +179,30 @@ def frontier(runs: list[FoldRun]) -> list[dict[str, Any]]:
 
 
 def plot_frontier(rows: list[dict[str, Any]], out: Path) -> Path:
-    """Test AUC against local steps per round, one panel per site; MB per site on the right axis (dashed)."""
+    """Test AUC against local steps per round, one panel per site, one coloured line per federated method, the
+    centralized variants as grey horizontal lines; MB per site on the right axis (dashed, the method's colour)."""
     sites = sorted({r["site"] for r in rows})
-    fig, axes = plt.subplots(1, len(sites), figsize=(5.5 * len(sites), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(sites), figsize=(5.5 * len(sites), 5), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = (":", "-.", (0, (5, 2)), (0, (1, 3)))
     for ax, site in zip(axes[0], sites):
         mine = [r for r in rows if r["site"] == site]
         bytes_ax = ax.twinx()
+        ax.set_zorder(bytes_ax.get_zorder() + 1)  # the AUC lines above the byte counts
+        ax.patch.set_visible(False)
         methods = sorted({r["method"] for r in mine if r["federated"]})
         for i, method in enumerate(methods):
             line = sorted((r for r in mine if r["federated"] and r["method"] == method), key=lambda r: r["local_steps"])
             x = [r["local_steps"] for r in line]
             ax.errorbar(x, [r["test_auc_mean"] for r in line], yerr=np.nan_to_num([r["test_auc_std"] for r in line]),
                         marker="o", capsize=3, color=colours[i % len(colours)], label=method)
-            bytes_ax.plot(x, [r["mb_per_site"] for r in line], ls="--", color=colours[i % len(colours)], alpha=0.5)
+            bytes_ax.plot(x, [r["mb_per_site"] for r in line], ls="--", color=colours[i % len(colours)], alpha=0.4)
         for j, r in enumerate(r for r in mine if not r["federated"]):
-            ax.axhline(r["test_auc_mean"], ls=":", color=colours[(len(methods) + j) % len(colours)],
+            ax.axhline(r["test_auc_mean"], ls=styles[j % len(styles)], color=str(0.15 + 0.12 * (j % 5)), lw=1.2,
                        label=f"{r['variant']} (centralized, n={r['n_runs']})")
         ax.set(xscale="log", xlabel="local steps per round (same image budget)", ylabel="test AUC (%)", title=site)
         bytes_ax.set(yscale="log", ylabel="MB of weights per site over the run (dashed)")
-        ax.legend(fontsize=7, loc="lower left")
+    axes[0][0].legend(fontsize=7, loc="best", framealpha=0.8)
     path = out / "frontier.png"
     save_figure(fig, path)
     return path
