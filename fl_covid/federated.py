@@ -27,6 +27,7 @@ from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import COVIDNet, bn_keys, build_model, load_partial, local_keys
+from fl_covid.objective import build_objective
 from fl_covid.observe import emit
 from fl_covid.privacy import private_prototypes
 from fl_covid.prototypes import PrototypeBank, class_prototypes
@@ -221,12 +222,9 @@ class SiteRunner:
 
         candidates = bank.candidates_for(self.site_id) if (spec.prototypes and bank is not None) else None
         stats = train_steps(
-            self.model, optimizer, next_batch, cfg.local_steps, image_size=cfg.image_size,
+            self.model, optimizer, next_batch, cfg.local_steps, build_objective(cfg, candidates, shared),
+            image_size=cfg.image_size, grad_clip=cfg.grad_clip, cue_strength=cfg.cue_augment, device=self.device,
             generator=torch.Generator().manual_seed(derive(cfg.seed, "augment", self.site_id, server_round)),
-            alpha=cfg.alpha if spec.contrastive else 0.0, temperature=cfg.temperature, candidates=candidates,
-            candidate_weight=cfg.prototype_weight, grad_clip=cfg.grad_clip, device=self.device,
-            proximal=(cfg.proximal_mu, shared) if spec.proximal else None,
-            msnet=(cfg.msnet_temperature, cfg.msnet_weight), cue_strength=cfg.cue_augment,
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round)
