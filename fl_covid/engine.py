@@ -20,7 +20,6 @@ from torch import nn
 from fl_covid.data import eval_input, random_crops, to_input
 from fl_covid.metrics import binary_metrics
 from fl_covid.objective import Objective, StepOutput
-from fl_covid.preprocess import cue_augment
 
 
 @dataclass(frozen=True)
@@ -86,7 +85,7 @@ def train_steps(
     image_size: int,
     generator: torch.Generator,
     grad_clip: float = 5.0,
-    cue_strength: float = 0.0,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
@@ -96,8 +95,8 @@ def train_steps(
     loss, ce and con (the contrastive term before its weight) and the train accuracy over them.
 
     Each step's chunks go through the model with their own BN; the projections and MS-Net's auxiliary logits are
-    computed when the objective asks for them. ``lr_at(step)`` sets the learning rate per step. ``cue_strength``
-    > 0 randomises zoom, contrast / gamma and blur of the crops (fl_covid.preprocess.cue_augment).
+    computed when the objective asks for them. ``lr_at(step)`` sets the learning rate per step. ``augment``
+    (``Config.augmentation``) changes the uint8 crops further, with random numbers from ``generator``.
     ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
     crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
     the end (a non-finite loss is reported then, naming the steps it happened in).
@@ -122,8 +121,8 @@ def train_steps(
             logits, projections, labels, aux_logits = [], [], [], []
             for c in chunks:
                 crops = random_crops(c.images, image_size, generator)
-                if cue_strength > 0:  # zoom, contrast / gamma and blur against dataset-specific cues
-                    crops = cue_augment(crops, generator, cue_strength)
+                if augment is not None:  # against dataset-specific cues (fl_covid.preprocess.Augmentation)
+                    crops = augment(crops, generator)
                 x = to_input(to_device(crops, device))
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)

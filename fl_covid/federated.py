@@ -223,7 +223,7 @@ class SiteRunner:
         candidates = bank.candidates_for(self.site_id) if (spec.prototypes and bank is not None) else None
         stats = train_steps(
             self.model, optimizer, next_batch, cfg.local_steps, build_objective(cfg, candidates, shared),
-            image_size=cfg.image_size, grad_clip=cfg.grad_clip, cue_strength=cfg.cue_augment, device=self.device,
+            image_size=cfg.image_size, grad_clip=cfg.grad_clip, augment=cfg.augmentation, device=self.device,
             generator=torch.Generator().manual_seed(derive(cfg.seed, "augment", self.site_id, server_round)),
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
