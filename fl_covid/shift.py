@@ -13,9 +13,10 @@ the training split of the site with aggregates only (no per-image value, no per-
   with its covariance shrunk towards the identity (REGULARISATION on the standardised scale).
 
 Per image, the cue distance (Mahalanobis distance to the nearest mixture component) and the embedding distance are
-each divided by their threshold, the 1 - ALPHA / 2 quantile of the same distance on the site's validation split;
-the larger ratio is the image's ``shift_score``, and an image with a score above 1 is flagged: about ALPHA of the
-site's own images are. The inputs as a whole (at least MIN_BATCH images) are compared with the profile by
+each divided by their median on the site's validation split and combined as their root mean square; the image's
+``shift_score`` is that over its 1 - ALPHA quantile on the validation split, and an image with a score above 1 is
+flagged: about ALPHA of the site's own images are. (One combined score with one threshold: flagging when either
+distance passes its own threshold flags also every image on which only one of them drifts.) The inputs as a whole (at least MIN_BATCH images) are compared with the profile by
 Kolmogorov-Smirnov tests of every cue statistic against the training quantiles and of both distances against the
 validation quantiles (Bonferroni at BATCH_ALPHA): this catches a hospital whose images are each unremarkable but,
 together, unlike the training site's (a narrow source inside a broad training distribution).
@@ -41,7 +42,7 @@ from fl_covid.engine import to_device
 log = logging.getLogger(__name__)
 
 PROFILE_FORMAT = 1
-ALPHA = 0.05  # the fraction of the site's own images flagged: each distance's threshold at its 1 - ALPHA / 2 quantile
+ALPHA = 0.05  # the fraction of the site's own validation images flagged
 BATCH_ALPHA = 0.01  # family-wise false-alarm rate of the batch test on a batch of the site's own images
 LEVELS = (0.01, *(round(0.05 * k, 2) for k in range(1, 20)), 0.99)  # recorded quantile levels
 PROJECTION_DIM = 64
@@ -173,12 +174,14 @@ def shift_profile(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor
         mixture = fit_mixture(_standardise(x_train, mean, std), components, seed)
         distances = mixture.distance(_standardise(x_val, mean, std))
         parts[name] = {"mean": _round(mean), "std": _round(std), "mixture": mixture.to_dict(),
-                       "threshold": float(f"{np.quantile(distances, 1 - ALPHA / 2):.6g}"),
+                       "scale": _round(np.median(distances)),
                        "validation_quantiles": _round(np.quantile(distances, LEVELS))}
     parts["cues"] |= {"features": features, "quantiles": _round(np.quantile(cues_train, LEVELS, axis=0).T)}
     parts["embedding"] |= {"projection": {"dim": PROJECTION_DIM, "seed": PROJECTION_SEED}}
     profile = {"format": PROFILE_FORMAT, "train_images": len(train), "validation_images": len(val),
-               "alpha": ALPHA, "batch_alpha": BATCH_ALPHA, "levels": list(LEVELS), **parts}
+               "alpha": ALPHA, "batch_alpha": BATCH_ALPHA, "levels": list(LEVELS), "threshold": 1.0, **parts}
+    combined = score_images(profile, cues_val, emb_val).score  # under threshold 1: the combined distance itself
+    profile["threshold"] = _round(np.quantile(combined, 1 - ALPHA))
     scores = score_images(profile, cues_val, emb_val)
     profile["validation_flagged"] = round(float((scores.score > 1).mean()), 4)
     return profile
@@ -186,8 +189,8 @@ def shift_profile(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor
 
 @dataclass(frozen=True)
 class ImageScores:
-    """Per image (N,): the cue and embedding distances, and the shift score (the larger of each distance over its
-    threshold; flagged above 1)."""
+    """Per image (N,): the cue and embedding distances, and the shift score (their root mean square, each over its
+    validation median, over the profile's threshold; flagged above 1)."""
 
     cue: np.ndarray
     embedding: np.ndarray
@@ -206,8 +209,8 @@ def score_images(profile: dict[str, Any], cues: np.ndarray, emb: np.ndarray) -> 
         mixture = Mixture.from_dict(part["mixture"])
         distances.append(mixture.distance(_standardise(x, np.asarray(part["mean"]), np.asarray(part["std"]))))
     cue, embedding = distances
-    score = np.maximum(cue / profile["cues"]["threshold"], embedding / profile["embedding"]["threshold"])
-    return ImageScores(cue, embedding, score)
+    combined = np.sqrt(((cue / profile["cues"]["scale"]) ** 2 + (embedding / profile["embedding"]["scale"]) ** 2) / 2)
+    return ImageScores(cue, embedding, combined / profile["threshold"])
 
 
 def batch_test(profile: dict[str, Any], cues: np.ndarray, scores: ImageScores) -> dict[str, Any]:
