@@ -179,11 +179,10 @@ def shift_profile(model: torch.nn.Module, train: torch.Tensor, val: torch.Tensor
     parts["cues"] |= {"features": features, "quantiles": _round(np.quantile(cues_train, LEVELS, axis=0).T)}
     parts["embedding"] |= {"projection": {"dim": PROJECTION_DIM, "seed": PROJECTION_SEED}}
     profile = {"format": PROFILE_FORMAT, "train_images": len(train), "validation_images": len(val),
-               "alpha": ALPHA, "batch_alpha": BATCH_ALPHA, "levels": list(LEVELS), "threshold": 1.0, **parts}
-    combined = score_images(profile, cues_val, emb_val).score  # under threshold 1: the combined distance itself
+               "alpha": ALPHA, "batch_alpha": BATCH_ALPHA, "levels": list(LEVELS), **parts}
+    *_, combined = _distances(profile, cues_val, emb_val)
     profile["threshold"] = _round(np.quantile(combined, 1 - ALPHA))
-    scores = score_images(profile, cues_val, emb_val)
-    profile["validation_flagged"] = round(float((scores.score > 1).mean()), 4)
+    profile["validation_flagged"] = round(float((combined > profile["threshold"]).mean()), 4)
     return profile
 
 
@@ -201,8 +200,10 @@ class ImageScores:
         return self.score > 1.0
 
 
-def score_images(profile: dict[str, Any], cues: np.ndarray, emb: np.ndarray) -> ImageScores:
-    """Scores of images from their cue statistics (N, F: the profile's features) and projected embeddings (N, P)."""
+def _distances(profile: dict[str, Any], cues: np.ndarray, emb: np.ndarray,
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cue, embedding and combined distances (N,) of images from their cue statistics (N, F: the profile's
+    features) and projected embeddings (N, P)."""
     distances = []
     for name, x in (("cues", cues), ("embedding", emb)):
         part = profile[name]
@@ -210,6 +211,12 @@ def score_images(profile: dict[str, Any], cues: np.ndarray, emb: np.ndarray) -> 
         distances.append(mixture.distance(_standardise(x, np.asarray(part["mean"]), np.asarray(part["std"]))))
     cue, embedding = distances
     combined = np.sqrt(((cue / profile["cues"]["scale"]) ** 2 + (embedding / profile["embedding"]["scale"]) ** 2) / 2)
+    return cue, embedding, combined
+
+
+def score_images(profile: dict[str, Any], cues: np.ndarray, emb: np.ndarray) -> ImageScores:
+    """Scores of images from their cue statistics (N, F: the profile's features) and projected embeddings (N, P)."""
+    cue, embedding, combined = _distances(profile, cues, emb)
     return ImageScores(cue, embedding, combined / profile["threshold"])
 
 

@@ -181,7 +181,8 @@ def test_evaluate_reports_shift_and_records_the_unseen_auc_in_the_card(model_a: 
     rows = _read(out / "predictions.csv")
     assert final["shift"]["flagged"] == sum(int(r["shift_flag"]) for r in rows) and len(rows) == 80
     assert final["shift"]["batch_shifted"] and list(final["shift"]["sites"]) == [SITE_A]
-    assert all("shift_fraction" in p for p in _read(out / "patients.csv"))
+    patients = _read(out / "patients.csv")
+    assert final["shift"]["patients"] == {"n": len(patients), "flagged": sum(int(p["shift_flag"]) for p in patients)}
     card = load_site_model(run / f"site-{SITE_A}" / "model").card
     recorded = card["unseen_site_auc"][SITE_B]
     assert (recorded["auc"], recorded["n"], recorded["bn"]) == (final["sites"][SITE_B]["auc"], 80, "adapt")

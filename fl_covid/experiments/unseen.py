@@ -191,6 +191,8 @@ def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | P
     patients, patient_metrics = per_patient(site, probs, shift[0] > 1 if shift is not None else None)
     if patients:
         write_csv(out / "patients.csv", patients)
+        if shift is not None:
+            shift[1]["patients"] = {"n": len(patients), "flagged": sum(p["shift_flag"] for p in patients)}
     writer.finish(cfg.method, {site_name: metrics}, {site_name: roc_on_grid(labels, probs)},
                   protocol="unseen-site", trained_protocol=cfg.protocol, fold=cfg.fold, seed=cfg.seed,
                   bn=bn, trained_sites=list(cfg.sites), evaluated_run=str(run.dir), data=str(site.root),
