@@ -23,6 +23,7 @@ from fl_covid.experiments.unseen import evaluate_unseen
 from fl_covid.shift import LEVELS, MIN_COMPONENT_IMAGES, Mixture, _ks, check_shift, shift_profile
 from fl_covid.site_model import SiteModel, load_site_model
 from tests.conftest import read_manifest, write_manifest
+from tests.inprocess import run_dir, run_federation
 
 SITE_A, SITE_B = "site_a_sarscov2", "site_b_covidct"
 DATA = project_root() / "data"
@@ -186,3 +187,16 @@ def test_evaluate_reports_shift_and_records_the_unseen_auc_in_the_card(model_a: 
     card = load_site_model(run / f"site-{SITE_A}" / "model").card
     recorded = card["unseen_site_auc"][SITE_B]
     assert (recorded["auc"], recorded["n"], recorded["bn"]) == (final["sites"][SITE_B]["auc"], 80, "adapt")
+
+
+def test_a_federated_site_records_its_profile_with_its_final_model(tmp_path: Path) -> None:
+    """The ClientApp's final summary writes the card: its profile is the one of the site's own final model and
+    split (80 + 80 images per site, one round)."""
+    run_federation(tmp_path, method="fedbn", overrides="max-per-class=80", **{"num-server-rounds": 1})
+    run = run_dir(tmp_path)
+    for index, name in enumerate((SITE_A, SITE_B)):
+        loaded = load_site_model(run / f"site-{name}" / "model")
+        site, split = load_configured_site(loaded.config, index)
+        expected = shift_profile(loaded.model, site.images[split.train], site.images[split.val],
+                                 loaded.config.image_size, seed=loaded.config.seed)
+        assert expected is not None and loaded.card["shift"] == json.loads(json.dumps(expected))
