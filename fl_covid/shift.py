@@ -281,6 +281,11 @@ def far_from_all(checks: list[ShiftCheck]) -> tuple[np.ndarray, dict[str, Any]]:
     return score, summary
 
 
+def image_columns(score: np.ndarray) -> list[dict[str, float | int]]:
+    """The CSV columns of each image's score (N,): ``shift_score`` and ``shift_flag`` (1 above 1)."""
+    return [{"shift_score": round(s, 4), "shift_flag": int(s > 1)} for s in score.tolist()]
+
+
 def group_flags(keys: list[str], flagged: np.ndarray) -> dict[str, tuple[float, bool]]:
     """Per non-empty key (a series or patient): the fraction of its images flagged and whether most are."""
     groups: dict[str, list[bool]] = {}

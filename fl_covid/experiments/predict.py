@@ -41,7 +41,7 @@ from fl_covid.data import CLASSES, DataError, Preprocessing, decode_image, eval_
 from fl_covid.engine import predict, recalibrate_bn, select_device
 from fl_covid.experiments.gradcam import grad_cam, plot_grid
 from fl_covid.reporting import write_csv, write_json
-from fl_covid.shift import ShiftCheck, check_shift, far_from_all, group_flags, warning_text
+from fl_covid.shift import ShiftCheck, check_shift, far_from_all, group_flags, image_columns, warning_text
 from fl_covid.site_model import load_site_model
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,8 @@ def aggregate(rows: list[dict], key: str, threshold: float) -> list[dict]:
     for row in rows:
         if row.get(key):
             groups.setdefault(row[key], []).append(row)
+    shift = (group_flags([r.get(key, "") for r in rows], np.array([r["shift_flag"] for r in rows]))
+             if rows and "shift_flag" in rows[0] else {})
     out = []
     for value, members in sorted(groups.items()):
         mean = float(np.mean([r["prob_covid"] for r in members]))
@@ -145,9 +147,8 @@ def aggregate(rows: list[dict], key: str, threshold: float) -> list[dict]:
             entry["patient_id"] = ";".join(sorted({r.get("patient_id", "") for r in members} - {""}))
         out.append({**entry, "n_images": len(members), "mean_prob_covid": mean,
                     "prediction": CLASSES[int(mean >= threshold)]})
-        if "shift_flag" in members[0]:
-            fraction, flag = group_flags([value] * len(members), np.array([r["shift_flag"] for r in members]))[value]
-            out[-1] |= {"shift_fraction": fraction, "shift_flag": int(flag)}
+        if value in shift:
+            out[-1] |= {"shift_fraction": shift[value][0], "shift_flag": int(shift[value][1])}
     return out
 
 
@@ -226,8 +227,8 @@ def run_predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     rows = [{k: v for k, v in r.items() if k not in ID_COLUMNS} | {c: r.get(c, "") for c in id_columns}
             for r in rows]
     if check is not None:
-        for row, score in zip(rows, check.scores.score.tolist()):
-            row |= {"shift_score": round(score, 4), "shift_flag": int(score > 1)}
+        for row, columns in zip(rows, image_columns(check.scores.score)):
+            row |= columns
     if gradcam:
         maps = write_gradcams(model, images, paths, probs, cfg.image_size, Path(gradcam), batch_size, dev,
                               show_progress)

@@ -38,7 +38,7 @@ from fl_covid.experiments.trained import TrainedRun, site_model_dir
 from fl_covid.metrics import binary_metrics, roc_on_grid
 from fl_covid.model import COVIDNet
 from fl_covid.reporting import RunWriter, write_csv
-from fl_covid.shift import check_shift, far_from_all, group_flags, warning_text
+from fl_covid.shift import check_shift, far_from_all, group_flags, image_columns, warning_text
 from fl_covid.site_model import record_unseen_auc
 
 log = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | P
                      exclude_label_conflicts=cfg.exclude_label_conflicts, skip_unreadable=cfg.skip_unreadable,
                      prep=cfg.preprocessing)
     dev = select_device(device)
-    shift = check_unseen(run, site, batch_size, dev)
+    shift_scores, shift = check_unseen(run, site, batch_size, dev) or (None, None)
     model = model_for_unseen(run, bn, site, batch_size, dev)
     metrics, probs = evaluate(model, site.images, site.labels, 0, cfg.image_size, dev)
     out = Path(out) if out else run.dir / f"unseen-{site_name}-{bn.replace(':', '-')}"
@@ -184,24 +184,24 @@ def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | P
     writer = RunWriter(out, to_json(cfg))
     labels = site.labels.numpy()
     rows = [{"path": p, "label": int(y), "prob_covid": float(q)} for p, y, q in zip(site.paths, labels, probs)]
-    if shift is not None:
-        for row, score in zip(rows, shift[0].tolist()):
-            row |= {"shift_score": round(score, 4), "shift_flag": int(score > 1)}
+    if shift_scores is not None:
+        for row, columns in zip(rows, image_columns(shift_scores)):
+            row |= columns
     write_csv(out / "predictions.csv", rows)
-    patients, patient_metrics = per_patient(site, probs, shift[0] > 1 if shift is not None else None)
+    patients, patient_metrics = per_patient(site, probs, shift_scores > 1 if shift_scores is not None else None)
     if patients:
         write_csv(out / "patients.csv", patients)
         if shift is not None:
-            shift[1]["patients"] = {"n": len(patients), "flagged": sum(p["shift_flag"] for p in patients)}
+            shift["patients"] = {"n": len(patients), "flagged": sum(p["shift_flag"] for p in patients)}
     writer.finish(cfg.method, {site_name: metrics}, {site_name: roc_on_grid(labels, probs)},
                   protocol="unseen-site", trained_protocol=cfg.protocol, fold=cfg.fold, seed=cfg.seed,
                   bn=bn, trained_sites=list(cfg.sites), evaluated_run=str(run.dir), data=str(site.root),
-                  patient_level=patient_metrics, shift=shift[1] if shift is not None else None)
+                  patient_level=patient_metrics, shift=shift)
     log.info("%s on unseen site %s (BN %s): AUC %.4f accuracy %.4f (n=%d)", cfg.method, site_name, bn,
              metrics["auc"], metrics["accuracy"], metrics["n"])
     for trained in cfg.sites:
         record_unseen_auc(site_model_dir(run.dir, trained), site_name, metrics, bn=bn, evaluation=str(out))
-    if shift is not None and (text := warning_text(shift[1])):
+    if shift is not None and (text := warning_text(shift)):
         log.warning("%s", text)
     return out
 
