@@ -95,6 +95,13 @@ CONF
 
 trust=$(abs "$(dirname "$trust")")/$(basename "$trust")
 python=$(python3 -c 'import sys; print(sys.executable)')
+# the SuperLink starts its SuperExec (which starts the ServerApp processes) by name from PATH: from this interpreter
+# directly, never through a wrapper (a pyenv shim, say) that would put other programs first on PATH
+mkdir -p "$state/bin"
+printf '#!/bin/sh\nexec "%s" -I -c "import sys; from flwr.supercore.cli import flower_superexec; sys.argv[0] = \\"flower-superexec\\"; flower_superexec()" "$@"\n' \
+    "$python" >"$state/bin/flower-superexec"
+chmod 700 "$state/bin/flower-superexec"
+export PATH=$state/bin:$PATH
 export FLWR_HOME=$state/flwr-home FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} FL_COVID_SERVER_TRUST=$trust
 pids=()
 stop_all() { trap - TERM INT EXIT; kill -TERM "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }

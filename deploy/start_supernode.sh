@@ -77,8 +77,13 @@ for task in $("$python" -I -c "from clients.guard import REFUSED_TASKS; print(*R
         "$task" >"$state/.bin/$task"
     chmod 700 "$state/.bin/$task"
 done
+# the SuperNode starts its SuperExec, which starts the task processes, by name from PATH: both run from this
+# interpreter directly, never through a wrapper (a pyenv shim, say) that would put other programs first on PATH
+printf '#!/bin/sh\nexec "%s" -I -c "import sys; from flwr.supercore.cli import flower_superexec; sys.argv[0] = \\"flower-superexec\\"; flower_superexec()" "$@"\n' \
+    "$python" >"$state/.bin/flower-superexec"
+chmod 700 "$state/.bin/flower-superexec"
 export PATH=$state/.bin:$PATH FL_COVID_SITE_POLICY=$policy
 export FLWR_HOME=$state/.flwr-home FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
-exec flower-supernode \
+exec "$python" -I -c "import sys; from flwr.supernode.cli import flower_supernode; sys.argv[0] = 'flower-supernode'; flower_supernode()" \
     --superlink "$superlink" --root-certificates "$ca" --auth-supernode-private-key "$key" --port "$port" \
     --node-config "site='$site' data-dir='$data' state-dir='$state' policy='$policy' signing-key='$sign'"

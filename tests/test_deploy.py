@@ -186,6 +186,12 @@ flwr_clientapp()
 '''
 
 
+# Flower's SuperNode and SuperExec run by this interpreter (never through a pyenv shim, which would put its own
+# folder first on PATH and hide the rogue's ClientApp)
+SUPERNODE = "import sys; from flwr.supernode.cli import flower_supernode; sys.argv[0] = 'flower-supernode'; flower_supernode()"
+SUPEREXEC = "import sys\nfrom flwr.supercore.cli import flower_superexec\nsys.argv[0] = 'flower-superexec'\nflower_superexec()\n"
+
+
 def _children() -> dict[int, list[int]]:
     """Parent PID -> child PIDs, from /proc."""
     out: dict[int, list[int]] = {}
@@ -351,6 +357,7 @@ class Federation:
         process that attacks (EVIL_SITE; ``target_run``: the earlier run whose folder at site A it aims at)."""
         evil_bin = self.root / "evil-site-bin"
         executable(evil_bin / "flwr-clientapp", EVIL_SITE)
+        executable(evil_bin / "flower-superexec", SUPEREXEC)  # this interpreter, whatever wrappers are on PATH
         policy = self.root / "rogue.policy.yaml"
         policy.write_text((self.root / f"{SITE_A}.policy.yaml").read_text())
         attack = {"FL_COVID_TEST_ROGUE_KEY": str(self.secrets / "sites" / "rogue.key"),
@@ -360,7 +367,8 @@ class Federation:
                   "FL_COVID_TEST_LINK_DB": str(self.root / "superlink" / "superlink.db"),
                   "FL_COVID_TEST_TARGET_RUN": target_run}
         return self.spawn(
-            self.log("rogue"), "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+            self.log("rogue"), sys.executable, "-c", SUPERNODE, "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates",
             str(self.secrets / "ca.crt"), "--auth-supernode-private-key", str(self.secrets / "sites" / "rogue.key"),
             "--port", str(free_port()), "--node-config",
             f"site='{site}' data-dir='{self.data / data}' state-dir='{self.root / 'rogue'}' policy='{policy}' "
