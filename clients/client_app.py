@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_covid import records as R
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from fl_covid.checkpoint import PREDICTIONS_CSV, RECEIVED, SITE_MODEL, SITE_STATE, prune_site_states, site_folder
 from fl_covid.config import Config, NodeConfig, federated_config, parse_node_config
 from fl_covid.data import load_configured_site
@@ -30,8 +29,16 @@ from fl_covid.privacy import PrivacyLedger, noise_generator, release_digest, sit
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import write_predictions
 from fl_covid.site_model import model_card, save_site_model
-from fl_covid.trust import (Instruction, InstructionLog, NotTrusted, Reply, load_private_key, parse_public_key, sign,
-                            verify)
+from fl_covid.trust import (
+    Instruction,
+    InstructionLog,
+    NotTrusted,
+    Reply,
+    load_private_key,
+    parse_public_key,
+    sign,
+    verify,
+)
 from fl_covid.validation import check_instruction, check_prototypes
 
 app = ClientApp()
@@ -165,8 +172,8 @@ def _check_run_identity(msg: Message, run_id: int, config: Config, folder: Path)
     if folder.parent.name != f"{config.method}-run{origin}":
         raise RunRefused(f"run name {folder.parent.name!r} is not {config.method}-run{origin}, the folder of the "
                          f"signed run {origin}")
-    if origin != run_id and not (isinstance(origin, int) and origin < run_id and (folder / SITE_STATE).exists()):
-        raise RunRefused(f"run {run_id} resumes run {origin}, which this site has no state of")
+    if origin != run_id and not (isinstance(origin, int) and origin < run_id and folder.is_dir()):
+        raise RunRefused(f"run {run_id} resumes run {origin}, which this site took no part in")
 
 
 def _noise(config: Config, node: NodeConfig, site: str, run: str, server_round: int, weights: str

@@ -14,8 +14,8 @@ Flower then loads the ClientApp from is the one it installed from the verified b
 
 A SuperNode starts other task processes too, by name from its PATH (``flwr-agentapp`` for a bundle declaring an
 ``agentapp``, and ``flwr-serverapp``, ``flwr-simulation``, ``flwr-connector``, ``flwr-model``): at a site each of
-these names is a stand-in written by deploy/start_supernode.sh that starts nothing, logs the refusal and exits
-with an error.
+these names is ``refuse``: Flower's own program with the bundle's installation refused, so that the task fails
+through Flower's error path before any of the bundle's code runs.
 """
 
 from __future__ import annotations
@@ -37,10 +37,17 @@ class AppNotApproved(RuntimeError):
     """The run's app bundle is not among the site's approved apps."""
 
 
-# every task process a Flower 1.42 SuperNode may start (flwr.supercore.constant.TASK_TYPE_TO_COMMAND); at a site
-# only the first runs, through this guard
-GUARDED_TASK = "flwr-clientapp"
-REFUSED_TASKS = ("flwr-agentapp", "flwr-serverapp", "flwr-simulation", "flwr-connector", "flwr-model")
+# the task processes a Flower 1.42 SuperNode may start besides flwr-clientapp (flwr.supercore.constant
+# .TASK_TYPE_TO_COMMAND), refused at a site (``refuse``, installed under these names by deploy/start_supernode.sh):
+# name -> (module, function) of Flower's program and the module whose install_from_fab it calls, or None for a task
+# that installs no app bundle
+REFUSED_TASKS: dict[str, tuple[str, str, str] | None] = {
+    "flwr-agentapp": ("flwr.supercore.cli", "flwr_agentapp", "flwr.supercore.task_process.agent.run_agentapp"),
+    "flwr-serverapp": ("flwr.superlink.cli", "flwr_serverapp", "flwr.superlink.runtime.run_serverapp"),
+    "flwr-simulation": ("flwr.simulation.app", "flwr_simulation", "flwr.simulation.app"),
+    "flwr-connector": None,
+    "flwr-model": None,
+}
 COMPONENTS = {"serverapp", "clientapp"}  # what an approved bundle may declare in [tool.flwr.app.components]
 
 
@@ -105,6 +112,32 @@ def declared_components(fab: bytes) -> set[str]:
     from flwr.common.config import get_fab_config
 
     return set(get_fab_config(fab)["tool"]["flwr"]["app"].get("components", {}))
+
+
+def refuse(task: str) -> None:
+    """At a site, every task process but the ClientApp (``REFUSED_TASKS``). For a task that installs an app bundle
+    (an ``agentapp``, ...): Flower's own program with that installation refused, so that none of the bundle's code
+    runs and the task fails through Flower's own error path (a process that just exited would leave the task
+    pending, and the SuperNode would start it again and again instead of the next run's ClientApps). Any other task
+    is refused outright. The refusal goes to the site's log."""
+    import importlib
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    reason = f"refused to start {task}: this site runs only the ClientApp of an approved app bundle"
+    entry = REFUSED_TASKS.get(task)
+    if entry is None:
+        log.error(reason)
+        sys.exit(1)
+    module, function, runtime = entry
+
+    def refused_install(*args: object, **kwargs: object) -> Path:
+        log.error(reason)
+        raise AppNotApproved(reason)
+
+    program = getattr(importlib.import_module(module), function)
+    importlib.import_module(runtime).install_from_fab = refused_install
+    sys.argv[0] = task
+    program()
 
 
 def main_hash(argv: list[str] | None = None) -> int:

@@ -71,10 +71,11 @@ PY
 # the SuperNode launches the ClientApp process by this name; -I: no code from the working folder or PYTHONPATH
 printf '#!/bin/sh\nexec "%s" -I -c "from clients.guard import main; main()" "$@"\n' "$python" >"$state/.bin/flwr-clientapp"
 chmod 700 "$state/.bin/flwr-clientapp"
-# every other task process a SuperNode may start (a bundle declaring an agentapp, ...): a stand-in that refuses
+# every other task process a SuperNode may start (a bundle declaring an agentapp, ...): refused before any of the
+# bundle's code runs (clients/guard.py refuse)
 for task in $("$python" -I -c "from clients.guard import REFUSED_TASKS; print(*REFUSED_TASKS)"); do
-    printf '#!/bin/sh\necho "fl-covid: refused to start %s: this site runs only the ClientApp of an approved app bundle" >&2\nexit 1\n' \
-        "$task" >"$state/.bin/$task"
+    printf '#!/bin/sh\nexec "%s" -I -c "from clients.guard import refuse; refuse(\\"%s\\")" "$@"\n' "$python" "$task" \
+        >"$state/.bin/$task"
     chmod 700 "$state/.bin/$task"
 done
 # the SuperNode starts its SuperExec, which starts the task processes, by name from PATH: both run from this

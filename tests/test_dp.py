@@ -20,10 +20,10 @@ from fl_covid.privacy import (
     clip_rows,
     gaussian_sigma,
     noise_generator,
-    release_digest,
     noisy_class_sums,
     privacy_report,
     private_prototypes,
+    release_digest,
 )
 from server.strategy import NotEnoughSites
 from tests.inprocess import run_dir, run_federation, shared_run, wire

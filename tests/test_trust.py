@@ -20,11 +20,20 @@ from clients import client_app
 from fl_covid import records as R
 from fl_covid.config import TRUST_ENV, ConfigError, load_server_trust, load_site_policy, parse_node_config
 from fl_covid.experiments.federation import run_in_process
-from fl_covid.trust import (Instruction, InstructionLog, NotTrusted, Reply, load_private_key, parse_public_key,
-                            public_key_text, sign, verify)
+from fl_covid.trust import (
+    Instruction,
+    InstructionLog,
+    NotTrusted,
+    Reply,
+    load_private_key,
+    parse_public_key,
+    public_key_text,
+    sign,
+    verify,
+)
 from server.link import refusal
 from tests.conftest import SITE_A, SITE_B
-from tests.inprocess import SMOKE, RecordingGrid, default_run_config, run_dir
+from tests.inprocess import SMOKE, RecordingGrid, Tamper, default_run_config, run_dir
 
 SITES = (SITE_A, SITE_B)
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -117,7 +126,8 @@ def node_config(deployment: dict, site: str, data_dir: Path | None = None) -> di
             "signing-key": str(deployment["sites"][site]), "operator-key": deployment["operator-key"]}
 
 
-def deployed_run(deployment: dict, output: Path, run_id: int, tamper=None, **values) -> RecordingGrid:  # noqa: ANN001
+def deployed_run(deployment: dict, output: Path, run_id: int, tamper: Tamper | None = None,
+                 **values: object) -> RecordingGrid:
     """The real ServerApp and ClientApps in this process, each node with a deployment's node config."""
     config = default_run_config(**{**SMOKE, "output-dir": str(output), "num-server-rounds": 1, **values})
     grid = RecordingGrid(config, len(SITES), run_id=run_id, tamper=tamper)
