@@ -46,6 +46,7 @@ from tests.inprocess import run_federation
 pytestmark = pytest.mark.slow
 
 SITES = (SITE_A, SITE_B)
+ROGUE_SITE = "site_rogue"  # the rogue's site in the run that pins it (test_a_malicious_site_...)
 REPO = project_root()
 OPERATOR, OUTSIDER = "operator", "outsider"
 RUN_TIMEOUT = 900  # seconds for one run; about a minute on an idle 2-core machine
@@ -96,7 +97,7 @@ flwr_serverapp()
 # flwr-clientapp without the approval guard, running the real ClientApp (so its replies are signed with its own key)
 # and attacking in round 1. Summary: a reply whose metric record body is not valid protobuf. Training, before it
 # trains: with its own registered key at the Fleet API it pushes (a) an instruction to site A without reply_to (the
-# final summary naming A's folder of an earlier, finished run, $FL_COVID_TEST_TARGET_RUN) and (b) a reply in site
+# final summary naming A's folder of an earlier, finished run, named in $FL_COVID_TEST_TARGET) and (b) a reply in site
 # B's name to B's training message (whose id it reads from the SuperLink's database here; the review computed it
 # from its own copy), carrying weights of its choosing. Each outcome is printed to the rogue's log.
 EVIL_SITE = '''
@@ -159,7 +160,7 @@ def train(msg, context):
         flat = Received.load(Path(node["state-dir"]) / msg.content[R.CONFIG][R.RUN_NAME] / f"site-{node['site']}"
                              / RECEIVED).flat
         order = RecordDict({R.WEIGHTS: R.weights_record(-flat), R.CONFIG: ConfigRecord({
-            R.ROUND: 2, R.RUN_NAME: E["FL_COVID_TEST_TARGET_RUN"], R.FINAL: True, R.EVALUATE: True,
+            R.ROUND: 2, R.RUN_NAME: Path(E["FL_COVID_TEST_TARGET"]).read_text(), R.FINAL: True, R.EVALUATE: True,
             R.PROTOTYPES_DUE: False})})
         print("FORGED INSTRUCTION", push(order, run_id=run, src_node_id=me, dst_node_id=a, reply_to_message_id="",
                                          message_type="evaluate"), flush=True)
@@ -351,10 +352,15 @@ class Federation:
             self.nodes[site] = proc
         return proc
 
-    def start_rogue(self, site: str, data: str, target_run: str = "") -> subprocess.Popen:
+    @property
+    def rogue_target(self) -> Path:
+        """The file naming the earlier run whose folder at site A the rogue aims at."""
+        return self.root / "rogue-target"
+
+    def start_rogue(self, site: str, data: str) -> subprocess.Popen:
         """The rogue's registered key, Flower's SuperNode without the deploy script, as site ``site`` (on the
         images of site ``data``, with its own signing key and a policy trusting the operator), with a ClientApp
-        process that attacks (EVIL_SITE; ``target_run``: the earlier run whose folder at site A it aims at)."""
+        process that attacks (EVIL_SITE) in a run that pins it to a site."""
         evil_bin = self.root / "evil-site-bin"
         executable(evil_bin / "flwr-clientapp", EVIL_SITE)
         executable(evil_bin / "flower-superexec", SUPEREXEC)  # this interpreter, whatever wrappers are on PATH
@@ -365,7 +371,7 @@ class Federation:
                   "FL_COVID_TEST_NODE_A": str(self.node_ids[SITE_A]), "FL_COVID_TEST_NODE_B": str(self.node_ids[SITE_B]),
                   "FL_COVID_TEST_SUPERLINK": f"127.0.0.1:{self.port}", "FL_COVID_TEST_CA": str(self.secrets / "ca.crt"),
                   "FL_COVID_TEST_LINK_DB": str(self.root / "superlink" / "superlink.db"),
-                  "FL_COVID_TEST_TARGET_RUN": target_run}
+                  "FL_COVID_TEST_TARGET": str(self.rogue_target)}
         return self.spawn(
             self.log("rogue"), sys.executable, "-c", SUPERNODE, "--superlink", f"127.0.0.1:{self.port}",
             "--root-certificates",
@@ -680,24 +686,22 @@ def crashed_run(federation: Federation) -> dict:
     the server has checkpointed round 1: the SuperLink reports the node unavailable and, as min-sites is all
     sites, the run stops as failed. Site B's SuperNode is started again as a new process and the run is resumed
     from its round-1 checkpoint. Throughout, a registered participant turned malicious (the rogue) takes part:
-    it is no site of the run (the operator's trust file pins none to it) and claims to be site B."""
-    rogue = federation.start_rogue(SITE_B, SITE_B)
-    try:
-        federation.wait_online(len(SITES) + 1)
-        run_id, proc, log = federation.run()
-        checkpoint = federation.run_dir(run_id) / "checkpoint"
-        wait_for(lambda: round_of(checkpoint) >= 1, "the round-1 checkpoint", logs=(log,))
-        stop(federation.nodes[SITE_B])
-        failed = {"status": federation.finish(run_id, proc, log), "log": log.read_text(),
-                  "final": (federation.run_dir(run_id) / "final_metrics.json").exists(),
-                  "checkpoint": round_of(checkpoint)}
-        wait_for(lambda: federation.node_ids[SITE_B] not in federation.online(), f"{SITE_B} offline", 180)
-        federation.start_node(SITE_B)
-        federation.wait_online(len(SITES) + 1)
-        federation.idle()
-        status, text, resumed_id = federation.run_to_end(resume=f"'{federation.run_dir(run_id)}'")
-    finally:
-        stop(rogue)
+    it is no site of the run (the operator's trust file pins none to it); it keeps running for
+    test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run."""
+    federation.start_rogue(ROGUE_SITE, SITE_A)
+    federation.wait_online(len(SITES) + 1)
+    run_id, proc, log = federation.run()
+    checkpoint = federation.run_dir(run_id) / "checkpoint"
+    wait_for(lambda: round_of(checkpoint) >= 1, "the round-1 checkpoint", logs=(log,))
+    stop(federation.nodes[SITE_B])
+    failed = {"status": federation.finish(run_id, proc, log), "log": log.read_text(),
+              "final": (federation.run_dir(run_id) / "final_metrics.json").exists(),
+              "checkpoint": round_of(checkpoint)}
+    wait_for(lambda: federation.node_ids[SITE_B] not in federation.online(), f"{SITE_B} offline", 180)
+    federation.start_node(SITE_B)
+    federation.wait_online(len(SITES) + 1)
+    federation.idle()
+    status, text, resumed_id = federation.run_to_end(resume=f"'{federation.run_dir(run_id)}'")
     return {"run_id": run_id, "failed": failed, "status": status, "log": text, "resumed_id": resumed_id}
 
 
@@ -756,8 +760,6 @@ def test_resumed_deployment_matches_the_same_run_in_one_process(federation: Fede
     assert not differ, f"{len(differ)} of {len(resumed)} shared tensors differ, e.g. {differ[:3]}"
 
 
-ROGUE_SITE = "site_rogue"
-
 
 def test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run(federation: Federation,
                                                                                  crashed_run: dict) -> None:
@@ -771,14 +773,13 @@ def test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run
     target = federation.run_dir(crashed_run["run_id"]).name
     model = federation.state_dir(SITE_A) / target / f"site-{SITE_A}" / "model" / "model.pt"
     before = model.read_bytes()
-    federation.write_trust({SITE_A: SITE_A, SITE_B: SITE_B, ROGUE_SITE: "rogue"})
-    rogue = federation.start_rogue(ROGUE_SITE, SITE_A, target)
+    federation.rogue_target.write_text(target)
+    federation.write_trust({SITE_A: SITE_A, SITE_B: SITE_B, ROGUE_SITE: "rogue"})  # the rogue is still running
     try:
         federation.wait_online(len(SITES) + 1)
         status, log, run_id = federation.run_to_end(**{"num-server-rounds": "1", "overrides": (
             f"'{DP} min-sites=2 sites={SITE_A},{SITE_B},{ROGUE_SITE}'")})
     finally:
-        stop(rogue)
         federation.write_trust({site: site for site in SITES})
     attacks = federation.log("rogue").read_text()
     assert status == "finished:completed", log[-4000:]

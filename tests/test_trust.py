@@ -268,3 +268,29 @@ def test_a_deployed_site_without_an_operator_key_refuses_everything(tmp_path: Pa
     node = parse_node_config({"site": SITE_A, "data-dir": "/d", "state-dir": str(tmp_path)})
     with pytest.raises(NotTrusted, match="operator-key"):
         client_app._authenticate(Message(RecordDict(), 1, "train"), Context(1, 1, {}, RecordDict(), {}), node)
+
+
+def test_every_task_process_but_the_clientapp_is_refused_at_a_site(tmp_path: Path) -> None:
+    """Every task process a SuperNode of this Flower release can start, but the guarded ClientApp, has a refusing
+    stand-in; a task that installs a bundle refuses it at Flower's installation step; the guard refuses a bundle
+    declaring other components than a ServerApp and a ClientApp."""
+    import importlib
+
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    from clients.guard import REFUSED_TASKS, declared_components, refuse
+
+    assert set(REFUSED_TASKS) == set(TASK_TYPE_TO_COMMAND.values()) - {"flwr-clientapp"}
+    for entry in filter(None, REFUSED_TASKS.values()):
+        module, function, runtime = entry
+        assert callable(getattr(importlib.import_module(module), function))
+        assert callable(importlib.import_module(runtime).install_from_fab)
+    with pytest.raises(SystemExit):
+        refuse("flwr-model")
+    assert declared_components(build_fab_from_disk(Path(__file__).resolve().parents[1])) == {"serverapp", "clientapp"}
+    (tmp_path / "agent.py").write_text("app = None\n")
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "agent"\nversion = "1.0.0"\ndependencies = []\n[tool.flwr.app]\npublisher = "x"\n'
+        '[tool.flwr.app.components]\nagentapp = "agent:app"\n[tool.flwr.app.config]\n')
+    assert declared_components(build_fab_from_disk(tmp_path)) == {"agentapp"}
