@@ -125,7 +125,7 @@ E = os.environ
 class Garbled(MetricRecord):  # a metric record whose body is not valid protobuf
     def deflate(self):
         return add_header_to_object_body(object_body=b"\\x0a\\xff\\xff\\xff\\xff", obj=self)
-Garbled.__name__ = "MetricRecord"
+Garbled.__name__ = Garbled.__qualname__ = "MetricRecord"  # its header names the real type
 
 def push(content, **meta):
     """Push a message of our making to the Fleet API, authenticated with the rogue's registered key."""
@@ -763,8 +763,8 @@ def test_resumed_deployment_matches_the_same_run_in_one_process(federation: Fede
 
 def test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run(federation: Federation,
                                                                                  crashed_run: dict) -> None:
-    """The rogue, pinned by the operator as a third site of a run (min-sites 2), attacks in round 1 (EVIL_SITE):
-    its summary reply holds a metric record that is not valid protobuf; it pushes an instruction to site A (the
+    """The rogue, pinned by the operator as a third site of a run (min-sites 2, round-timeout 180 s), attacks in
+    round 1 (EVIL_SITE): its summary reply holds a metric record that is not valid protobuf; it pushes an instruction to site A (the
     final summary of the earlier, finished run, to overwrite A's model there) and a reply in site B's name to B's
     training message. The SuperLink refuses both pushes before storing anything (server/link.py; had they been
     stored, site A would refuse the unsigned instruction before reading any data and the server the reply not
@@ -778,7 +778,7 @@ def test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run
     try:
         federation.wait_online(len(SITES) + 1)
         status, log, run_id = federation.run_to_end(**{"num-server-rounds": "1", "overrides": (
-            f"'{DP} min-sites=2 sites={SITE_A},{SITE_B},{ROGUE_SITE}'")})
+            f"'{DP} min-sites=2 round-timeout=180 sites={SITE_A},{SITE_B},{ROGUE_SITE}'")})
     finally:
         federation.write_trust({site: site for site in SITES})
     attacks = federation.log("rogue").read_text()
