@@ -6,12 +6,16 @@ port) and one SuperNode per site, each with a policy approving this copy of the 
 Checked, with every attack tried for real:
 - an outsider holding only ca.crt, at the hospitals' port, can neither list runs, register or unregister a node,
   nor start a run; an unregistered SuperNode is refused;
-- a run of an app the hospitals did not approve is refused by every site before any of its code runs;
+- a run of an app the hospitals did not approve is refused by every site before any of its code runs, and so is a
+  bundle declaring an agentapp (Flower would start flwr-agentapp, unguarded);
 - a malicious operator's settings (a method the sites forbid, DP off where they require it, oversize training, a
-  config file outside the app) are refused with a generic reason, and a compromised server that sends a
+  config file outside the app) are refused with a generic reason; a compromised server holding the operator's
+  signing key that asks a round's summary twice (a second DP release) is refused the second, and one that sends a
   traversal run name writes nothing outside any state folder;
-- a registered participant turned malicious, which impersonates the sites, sends malformed prototypes and a
-  forged log line, is rejected round after round while the runs go on with the honest sites;
+- every instruction is signed by the operator and every reply by its site (the operator's trust file pins the sites
+  to their nodes): a registered node that is no site of the run receives nothing; a site turned malicious can push
+  neither an instruction to another site (the final summary of an earlier run, to overwrite its model) nor a reply in
+  another site's name, and its undecodable reply rejects only that reply while the run completes;
 - an uninterrupted run completes with both sites; a SuperNode killed after round 1 stops the run naming the site;
   after restarting it and resuming the server, each site continues from its own saved BN and the run ends with
   bitwise the weights of the same federation run in one process (tests/inprocess.py), DP noise included.
