@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,15 +33,30 @@ from fl_covid.config import Config, NodeConfig, federated_config, parse_node_con
 from fl_covid.data import load_configured_site
 from fl_covid.engine import select_device
 from fl_covid.federated import LocalState, Received, SiteRunner
-from fl_covid.privacy import PrivacyLedger, noise_generator, site_secret
+from fl_covid.privacy import PrivacyLedger, noise_generator, release_digest, site_secret
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import write_predictions
 from fl_covid.shift import shift_profile
 from fl_covid.site_model import model_card, save_site_model
+from fl_covid.trust import (
+    Instruction,
+    InstructionLog,
+    NotTrusted,
+    Reply,
+    load_private_key,
+    parse_public_key,
+    sign,
+    verify,
+)
 from fl_covid.validation import check_instruction, check_prototypes
 
 app = ClientApp()
 log = logging.getLogger(__name__)
+
+
+# the settings a prototype release depends on besides the weights (its noise and ledger entry name them)
+RELEASE_SETTINGS = ("dp-epsilon", "dp-delta", "dp-clip", "min-prototype-images", "prototypes-per-class",
+                    "summary-images", "bn-recalibration", "image-size")
 
 
 class RunRefused(RuntimeError):
@@ -51,6 +67,33 @@ class SiteFailure(RuntimeError):
     """The site could not complete the request; the reason is in the site's log only."""
 
 
+class InstructionRefused(RuntimeError):
+    """The instruction is not one the operator signed for this site, in order; the reason is in the site's log."""
+
+
+def _authenticate(msg: Message, context: Context, node: NodeConfig) -> Ed25519PrivateKey:
+    """A deployed site runs only what the operator signed for it, in order (``fl_covid.trust``): NotTrusted for
+    an unsigned, mis-signed, replayed or reordered instruction, checked before any data is read. Returns the
+    site's own key, which signs the reply."""
+    if not node.policy.operator_key:
+        raise NotTrusted("the site policy has no operator-key: a deployed site runs only instructions the "
+                         "operator signed (deploy/make_signing_key.sh)")
+    if not node.signing_key:
+        raise NotTrusted("the node config has no signing-key: the site cannot sign its replies "
+                         "(deploy/start_supernode.sh --signing-key)")
+    key = load_private_key(Path(node.signing_key))
+    signature, origin = R.read_signature(msg.content)
+    config = msg.content.get(R.CONFIG) if R.CONFIG in msg.content else None
+    server_round = config.get(R.ROUND) if isinstance(config, ConfigRecord) else None
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (origin, server_round)):
+        raise NotTrusted("the instruction is not signed (no signature record with its run and round)")
+    instruction = Instruction(context.run_id, int(origin), int(server_round), msg.metadata.message_type, node.site,
+                              R.content_digest(msg.content))
+    verify(parse_public_key(node.policy.operator_key, "site policy key 'operator-key'"), instruction, signature)
+    InstructionLog(Path(node.state_dir) / f".instructions-{node.site}.json").accept(instruction)
+    return key
+
+
 def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
     """Run a handler so that the server never learns more than 'refused' or 'failed': the details (which could
     reveal the site's files or data) go to the site's own log."""
@@ -58,7 +101,17 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
     @functools.wraps(handler)
     def run(msg: Message, context: Context) -> Message:
         try:
-            return handler(msg, context)
+            node = parse_node_config(context.node_config)
+            key = _authenticate(msg, context, node) if node.deployed else None
+            reply = handler(msg, context)
+            if key is not None:  # the reply in this site's name: the instruction it answers, its content
+                reply.content[R.SIGNATURE] = R.signature_record(sign(key, Reply(
+                    context.run_id, msg.metadata.message_id, node.site, R.content_digest(reply.content))))
+            return reply
+        except NotTrusted as e:
+            log.error("instruction refused before reading any data: %s", e)
+            raise InstructionRefused("instruction refused: not signed by the operator for this site in order "
+                                     "(reasons in the site's log)") from None
         except RunRefused as e:
             log.error("run refused by this site's policy: %s", e)
             raise RunRefused("run refused by the site's policy (reasons in the site's log)") from None
@@ -102,11 +155,16 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
     folder = site_folder(root, str(instruction[R.RUN_NAME]), config.sites[index]).resolve()
     if not folder.is_relative_to(root):
         raise ValueError(f"run name {instruction[R.RUN_NAME]!r} leads outside the state folder {root}")
+    if node.deployed:
+        _check_run_identity(msg, context.run_id, config, folder)
+    if (folder / SITE_MODEL).exists() and (not train and bool(instruction.get(R.FINAL)) or node.deployed):
+        raise RunRefused(f"run {folder.parent.name} is finished here: its final model in {folder / SITE_MODEL} "
+                         "is written once")
     if node.policy.dp_budget and config.spec.prototypes and config.dp_epsilon > 0:
         ledger = _ledger(root, config.sites[index])
         planned = {}
         for rnd in filter(config.prototypes_due, range(1, config.num_server_rounds + 1)):
-            planned.update(ledger.release(folder.parent.name, rnd, config.dp_epsilon, config.dp_delta))
+            planned.update(ledger.planned(folder.parent.name, rnd, config.dp_epsilon, config.dp_delta))
         if (total := ledger.epsilon(config.dp_delta, planned)) > node.policy.dp_budget:
             raise RunRefused(f"the run's prototype releases would bring this site's total privacy loss to epsilon "
                              f"{total:.3g} at delta {config.dp_delta}, above its dp-budget {node.policy.dp_budget}")
@@ -114,6 +172,34 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
         torch.set_num_threads(config.num_threads)
     runner = _site_runner(config, index, str(node.data_folder(config)))
     return config, node, runner, folder, int(instruction[R.ROUND])
+
+
+def _check_run_identity(msg: Message, run_id: int, config: Config, folder: Path) -> None:
+    """A deployed site works in the folder of the signed run: ``<method>-run<origin>``, where origin is the run
+    itself or, for a resume, the earlier run it continues, which this site must have taken part in."""
+    _, origin = R.read_signature(msg.content)
+    if folder.parent.name != f"{config.method}-run{origin}":
+        raise RunRefused(f"run name {folder.parent.name!r} is not {config.method}-run{origin}, the folder of the "
+                         f"signed run {origin}")
+    if origin != run_id and not folder.is_dir():  # (run ids are random: no order between runs)
+        raise RunRefused(f"run {run_id} resumes run {origin}, which this site took no part in")
+
+
+def _noise(config: Config, node: NodeConfig, site: str, run: str, server_round: int, weights: str
+           ) -> torch.Generator:
+    """The DP noise of one prototype release, seeded by everything released; the release is recorded in the
+    site's ledger first, and refused when it would take the site beyond its dp-budget (a repeated release of a
+    round with other inputs is a new release)."""
+    root = node.state_root(config).resolve()
+    digest = release_digest(weights, {k: config.to_dict()[k] for k in RELEASE_SETTINGS})
+    ledger = _ledger(root, site)
+    release = ledger.release(run, server_round, config.dp_epsilon, config.dp_delta, digest)
+    if node.policy.dp_budget and not release.keys() <= ledger.releases.keys() and \
+            (total := ledger.epsilon(config.dp_delta, release)) > node.policy.dp_budget:
+        raise RunRefused(f"another prototype release would bring this site's total privacy loss to epsilon "
+                         f"{total:.3g}, above its dp-budget {node.policy.dp_budget}")
+    ledger.record(release)
+    return noise_generator(site_secret(root / f".noise-secret-{site}"), run, server_round, digest)
 
 
 def _ledger(root: Path, site: str) -> PrivacyLedger:
@@ -165,11 +251,7 @@ def summarise(msg: Message, context: Context) -> Message:
         raise ValueError("the shared weights from the server contain NaN or Inf")
     noise = None
     if config.dp_epsilon > 0 and prototypes_due:
-        root = node.state_root(config).resolve()
-        noise = noise_generator(site_secret(root / f".noise-secret-{runner.site.name}"), folder.parent.name,
-                                server_round)
-        ledger = _ledger(root, runner.site.name)  # recorded before anything is released
-        ledger.record(ledger.release(folder.parent.name, server_round, config.dp_epsilon, config.dp_delta))
+        noise = _noise(config, node, runner.site.name, folder.parent.name, server_round, R.weights_digest(flat))
     summary = runner.summarise(R.unflatten(flat, runner.layout), LocalState.load(folder / SITE_STATE, server_round - 1),
                                server_round, evaluate_now, prototypes_due, noise)
     if not final:  # the train message of this round names these weights by their digest

@@ -2,7 +2,8 @@
 # The whole hospital deployment on one machine (loopback): a CA and SuperLink certificate, one key pair per site,
 # a SuperLink with TLS and SuperNode authentication behind its proxy, both sites registered, one SuperNode per
 # site with its own node config and a policy approving this copy of the app, then `flwr run` of 2 rounds of
-# configs/smoke.yaml on real CT images, each site pinned to its registered node. Exits non-zero unless the run
+# configs/smoke.yaml on real CT images, each site pinned to its registered node and every message signed
+# (the operator's trust file). Exits non-zero unless the run
 # finished as completed with final metrics from both sites. Stops every process it started, also on failure.
 #
 # Usage: deploy/demo.sh [DATA_ROOT]
@@ -51,31 +52,38 @@ export FLWR_HOME=$work/operator FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHE
 echo "== certificates and site keys ($secrets)"
 "$repo/deploy/make_certificates.sh" "$secrets" localhost 127.0.0.1
 for site in "${sites[@]}"; do "$repo/deploy/make_site_key.sh" "$secrets/sites" "$site"; done
+"$repo/deploy/make_signing_key.sh" "$secrets/operator" operator  # signs every instruction of the operator
 "$repo/deploy/add_connection.sh" demo "127.0.0.1:$control_port" "$secrets/ca.crt"
 digest=$(fl-covid-app-hash "$repo")
 for site in "${sites[@]}"; do  # each hospital approves the app it reviewed (here: this copy) and sets its limits
-    printf 'approved-apps: [%s]\nallowed-methods: [fedbn, fedbn-proto]\nmax-rounds: 10\nmin-prototype-images: 2\n' \
-        "$digest" >"$secrets/sites/$site.policy.yaml"
+    printf 'approved-apps: [%s]\noperator-key: %s\nallowed-methods: [fedbn, fedbn-proto]\nmax-rounds: 10\n%s\n' \
+        "$digest" "$(cat "$secrets/operator/operator.sign.pub")" 'min-prototype-images: 2' \
+        >"$secrets/sites/$site.policy.yaml"
 done
+
+trust=$secrets/operator/trust.yaml  # the operator's signing key; the sites' nodes and keys once registered
+printf 'signing-key: %s\nsites: {}\n' "$secrets/operator/operator.sign.key" >"$trust"
 
 echo "== SuperLink: hospitals' port 127.0.0.1:$link_port, operator's 127.0.0.1:$control_port (log: $work/superlink.log)"
 setsid "$repo/deploy/start_superlink.sh" --secrets "$secrets" --state-dir "$work/superlink" \
-    --host 127.0.0.1 --port "$link_port" --control-port "$control_port" >"$work/superlink.log" 2>&1 &
+    --host 127.0.0.1 --port "$link_port" --control-port "$control_port" --trust "$trust" \
+    >"$work/superlink.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 60); do flwr supernode ls demo >/dev/null 2>&1 && break; sleep 1; done
-pins=()
+printf 'signing-key: %s\nsites:\n' "$secrets/operator/operator.sign.key" >"$trust"
 for site in "${sites[@]}"; do
     out=$(flwr supernode register "$secrets/sites/$site.key.pub" demo)
     echo "$out"
     node=$(echo "$out" | grep -oE '[0-9]{6,}' | head -1)
     [ -n "$node" ] || { echo "FAILED: no node id in the registration of $site" >&2; exit 1; }
-    pins+=("$site=$node")
+    printf '  %s: {node: %s, key: %s}\n' "$site" "$node" "$(cat "$secrets/sites/$site.sign.pub")" >>"$trust"
 done
 
 for site in "${sites[@]}"; do
     echo "== SuperNode of $site (log: $work/$site.log)"
     setsid "$repo/deploy/start_supernode.sh" --superlink "127.0.0.1:$link_port" --ca "$secrets/ca.crt" \
-        --key "$secrets/sites/$site.key" --site "$site" --data-dir "$data_root/$site" \
+        --key "$secrets/sites/$site.key" --signing-key "$secrets/sites/$site.sign.key" --site "$site" \
+        --data-dir "$data_root/$site" \
         --state-dir "$work/$site" --policy "$secrets/sites/$site.policy.yaml" --port "$(free_port)" \
         >"$work/$site.log" 2>&1 &
     pids+=($!)
@@ -97,9 +105,8 @@ done
 
 echo "== flwr run: 2 rounds of configs/smoke.yaml"
 cd "$repo"
-site_nodes=$(IFS=,; echo "${pins[*]}")
 timeout 1200 flwr run . demo --stream --run-config "config-file='configs/smoke.yaml' num-server-rounds=2 \
-local-steps=2 output-dir='$work/server-runs' overrides='site-nodes=$site_nodes'" 2>&1 | tee "$work/run.log"
+local-steps=2 output-dir='$work/server-runs'" 2>&1 | tee "$work/run.log"
 run_id=$(sed -n 's/.*Successfully started run \([0-9]*\).*/\1/p' "$work/run.log" | head -1)
 [ -n "$run_id" ] || { echo "FAILED: the run did not start" >&2; exit 1; }
 flwr ls demo --run-id "$run_id" --format json >"$work/status.json"

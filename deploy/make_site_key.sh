@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The key pair that identifies one hospital's SuperNode to the SuperLink (ECDSA, NIST P-384), made at the hospital.
+# The keys of one hospital, made at the hospital: the key pair that identifies its SuperNode to the SuperLink
+# (ECDSA, NIST P-384) and the Ed25519 key pair that signs its replies (deploy/make_signing_key.sh).
 #
 # Usage: deploy/make_site_key.sh OUT_DIR SITE
-# Writes OUT_DIR/SITE.key (secret: never leaves the hospital) and OUT_DIR/SITE.key.pub (send it to the operator,
-# who registers it). An existing key is never overwritten.
+# Writes OUT_DIR/SITE.key and OUT_DIR/SITE.sign.key (secret: never leave the hospital), OUT_DIR/SITE.key.pub and
+# OUT_DIR/SITE.sign.pub (send both to the operator, who registers the first and puts the second in its trust
+# file). An existing key is never overwritten.
 set -euo pipefail
 
 if [ $# -ne 2 ]; then
@@ -23,4 +25,6 @@ fi
 umask 077
 mkdir -p "$out"
 ssh-keygen -q -t ecdsa -b 384 -N "" -C "fl-covid $site" -f "$out/$site.key"
-echo "private key: $out/$site.key (keep it here); public key: $out/$site.key.pub (send it to the operator)"
+"$(dirname "$0")/make_signing_key.sh" "$out" "$site" >/dev/null
+echo "private keys: $out/$site.key, $out/$site.sign.key (keep them here); public keys: $out/$site.key.pub," \
+    "$out/$site.sign.pub (send them to the operator)"

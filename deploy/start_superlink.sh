@@ -4,12 +4,16 @@
 # one port, and its Control API has no authentication; so the SuperLink listens on loopback only, and nginx
 # (Debian package nginx-light) serves the hospitals' port, forwarding /v1/fleet/ and refusing every other path.
 # The operator runs `flwr` on this machine (or through an SSH tunnel) against 127.0.0.1:CONTROL_PORT.
-# TLS everywhere, only registered SuperNodes admitted, no dependency installation at run time.
+# TLS everywhere, only registered SuperNodes admitted, no dependency installation at run time; the SuperLink is
+# fl-covid-superlink (server/link.py), whose Fleet API refuses a push that is not a reply in the pushing node's name;
+# the ServerApp signs every instruction and verifies every reply with the keys of the trust file.
 #
-# Usage: deploy/start_superlink.sh --secrets DIR --state-dir DIR [--host 127.0.0.1] [--port 8000]
+# Usage: deploy/start_superlink.sh --secrets DIR --state-dir DIR --trust FILE [--host 127.0.0.1] [--port 8000]
 #                                  [--control-port PORT+1]
 #   --secrets       folder of deploy/make_certificates.sh (ca.crt, superlink.crt, superlink.key; never ca.key)
 #   --state-dir     the SuperLink's own folder: database of runs and registered nodes, installed apps, proxy files
+#   --trust         the operator's trust file (YAML): its signing key, and per site the node id and public key
+#                   (see docs/deploy.md); read by the ServerApp at the start of every run
 #   --host          address the hospitals' port listens on: 127.0.0.1 (default: this machine only, for tests and
 #                   SSH tunnels) or the address of the interface facing the hospitals (0.0.0.0: every interface)
 #   --port          the hospitals' port: SuperNodes only (default 8000)
@@ -18,19 +22,21 @@
 # output-dir on this machine.
 set -euo pipefail
 
-usage() { sed -n 9,17p "$0" >&2; exit 2; }
-secrets="" state="" host=127.0.0.1 port=8000 control=""
+usage() { sed -n 11,21p "$0" >&2; exit 2; }
+secrets="" state="" trust="" host=127.0.0.1 port=8000 control=""
 while [ $# -gt 0 ]; do
     case $1 in
         --secrets) secrets=$2; shift 2 ;;
         --state-dir) state=$2; shift 2 ;;
+        --trust) trust=$2; shift 2 ;;
         --host) host=$2; shift 2 ;;
         --port) port=$2; shift 2 ;;
         --control-port) control=$2; shift 2 ;;
         *) usage ;;
     esac
 done
-[ -n "$secrets" ] && [ -n "$state" ] || usage
+[ -n "$secrets" ] && [ -n "$state" ] && [ -n "$trust" ] || usage
+[ -f "$trust" ] || { echo "trust file $trust not found (see docs/deploy.md, step 5)" >&2; exit 1; }
 control=${control:-$((port + 1))}
 for f in ca.crt superlink.crt superlink.key; do
     [ -f "$secrets/$f" ] || { echo "$secrets/$f not found: run deploy/make_certificates.sh first" >&2; exit 1; }
@@ -87,12 +93,21 @@ http {
 }
 CONF
 
-export FLWR_HOME=$state/flwr-home FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0}
+trust=$(abs "$(dirname "$trust")")/$(basename "$trust")
+python=$(python3 -c 'import sys; print(sys.executable)')
+# the SuperLink starts its SuperExec (which starts the ServerApp processes) by name from PATH: from this interpreter
+# directly, never through a wrapper (a pyenv shim, say) that would put other programs first on PATH
+mkdir -p "$state/bin"
+printf '#!/bin/sh\nexec "%s" -I -c "import sys; from flwr.supercore.cli import flower_superexec; sys.argv[0] = \\"flower-superexec\\"; flower_superexec()" "$@"\n' \
+    "$python" >"$state/bin/flower-superexec"
+chmod 700 "$state/bin/flower-superexec"
+export PATH=$state/bin:$PATH
+export FLWR_HOME=$state/flwr-home FLWR_TELEMETRY_ENABLED=${FLWR_TELEMETRY_ENABLED:-0} FL_COVID_SERVER_TRUST=$trust
 pids=()
 stop_all() { trap - TERM INT EXIT; kill -TERM "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap 'stop_all; exit 143' TERM INT
 trap stop_all EXIT
-flower-superlink \
+"$python" -I -c "from server.link import main; main()" \
     --ssl-ca-certfile "$secrets/ca.crt" --ssl-certfile "$secrets/superlink.crt" --ssl-keyfile "$secrets/superlink.key" \
     --enable-supernode-auth --disable-runtime-dependency-installation \
     --database "$state/superlink.db" --host 127.0.0.1 --port "$control" &

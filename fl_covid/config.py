@@ -22,6 +22,7 @@ import yaml
 
 from fl_covid.methods import FEDERATED_METHODS, METHODS, Method
 from fl_covid.preprocess import Augmentation
+from fl_covid.trust import NotTrusted, parse_public_key
 
 if TYPE_CHECKING:
     from fl_covid.data import Preprocessing
@@ -458,9 +459,11 @@ class SitePolicy:
 
     ``approved-apps``: SHA-256 digests of the app bundles (FABs) the site runs (checked by ``fl-covid-clientapp``
     before any code of a run is loaded; empty = none, and the SuperNode script refuses to start).
-    ``require-dp`` with ``max-dp-epsilon`` (the config's dp-epsilon, per release; 0 = no bound), ``max-dp-delta``
-    (0 = no bound) and ``dp-budget`` (total epsilon over all runs of this site; 0 = no bound): prototypes leave
-    the site only with differential privacy within these bounds.
+    ``operator-key``: the operator's Ed25519 public key (base64, ``deploy/make_signing_key.sh``); a deployed site
+    runs only instructions it signed (``fl_covid.trust``), and refuses every run while it is missing.
+    ``require-dp`` with ``max-dp-epsilon`` (the config's dp-epsilon, per release; 0 = no bound), ``min-dp-epsilon``
+    (a floor, 0 = none), ``max-dp-delta`` (0 = no bound) and ``dp-budget`` (total epsilon over all runs of this
+    site; 0 = no bound): prototypes leave the site only with differential privacy within these bounds.
     ``max-*``: resource caps. ``min-prototype-images``: the smallest ``min-prototype-images`` a run may use.
     ``keep-runs``: training state of older runs than the newest ``keep-runs`` is deleted (final models are kept).
     The defaults constrain little (a simulation has no hospital behind it); deploy/site-policy.example.yaml is a
@@ -468,9 +471,11 @@ class SitePolicy:
     """
 
     approved_apps: tuple[str, ...] = ()
+    operator_key: str = ""
     allowed_methods: tuple[str, ...] = FEDERATED_METHODS
     require_dp: bool = False
     max_dp_epsilon: float = 0.0
+    min_dp_epsilon: float = 0.0
     max_dp_delta: float = 0.0
     dp_budget: float = 0.0
     max_rounds: int = 1000
@@ -489,7 +494,15 @@ class SitePolicy:
         if unknown := set(self.allowed_methods) - set(FEDERATED_METHODS):
             raise ConfigError(f"site policy key 'allowed-methods': {sorted(unknown)} are not federated methods "
                               f"{FEDERATED_METHODS}")
-        for key in ("max_dp_epsilon", "max_dp_delta", "dp_budget"):
+        if self.operator_key:
+            try:
+                parse_public_key(self.operator_key, "site policy key 'operator-key'")
+            except NotTrusted as e:
+                raise ConfigError(str(e)) from None
+        if self.max_dp_epsilon and self.min_dp_epsilon > self.max_dp_epsilon:
+            raise ConfigError(f"site policy key 'min-dp-epsilon' {self.min_dp_epsilon} is above max-dp-epsilon "
+                              f"{self.max_dp_epsilon}")
+        for key in ("max_dp_epsilon", "min_dp_epsilon", "max_dp_delta", "dp_budget"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"site policy key '{key.replace('_', '-')}' must be >= 0")
         for key in ("max_rounds", "max_local_steps", "max_batch_size", "max_image_size", "max_threads",
@@ -506,6 +519,8 @@ class SitePolicy:
             out.append("prototypes must be released with differential privacy (require-dp) but dp-epsilon is 0")
         if self.max_dp_epsilon and c.spec.prototypes and c.dp_epsilon > self.max_dp_epsilon:
             out.append(f"dp-epsilon {c.dp_epsilon} per round exceeds max-dp-epsilon {self.max_dp_epsilon}")
+        if self.min_dp_epsilon and c.spec.prototypes and 0 < c.dp_epsilon < self.min_dp_epsilon:
+            out.append(f"dp-epsilon {c.dp_epsilon} per round is below min-dp-epsilon {self.min_dp_epsilon}")
         if self.max_dp_delta and c.spec.prototypes and c.dp_epsilon > 0 and c.dp_delta > self.max_dp_delta:
             out.append(f"dp-delta {c.dp_delta} exceeds max-dp-delta {self.max_dp_delta}")
         for key, value, cap in (("num-server-rounds", c.num_server_rounds, self.max_rounds),
@@ -548,17 +563,19 @@ def load_site_policy(file: Path | None, values: Mapping[str, Any] | None = None)
             value = [v.strip() for v in value.replace(",", " ").split()]
         kwargs[f.name] = _coerce(key, value, _TYPES[f.type] if isinstance(f.type, str) else f.type)
     return SitePolicy(**kwargs)
-NODE_KEYS = ("site", "data-dir", "state-dir", "policy", "partition-id", "num-partitions")
+NODE_KEYS = ("site", "data-dir", "state-dir", "policy", "signing-key", "partition-id", "num-partitions")
 
 
 @dataclass(frozen=True)
 class NodeConfig:
     """A SuperNode's own settings. Deployment: ``site`` (its name in the experiment's ``sites``), absolute
-    ``data-dir`` and ``state-dir``, and its policy; simulation: Flower's ``partition-id`` / ``num-partitions``."""
+    ``data-dir`` and ``state-dir``, its policy and ``signing-key`` (the file of its Ed25519 private key, which signs
+    its replies); simulation: Flower's ``partition-id`` / ``num-partitions``."""
 
     site: str = ""
     data_dir: str = ""
     state_dir: str = ""
+    signing_key: str = ""
     partition: int = -1
     num_partitions: int = 0
     policy: SitePolicy = SitePolicy()
@@ -605,9 +622,58 @@ def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
                                   "SuperNode with --node-config \"site='NAME' data-dir='/abs/data' "
                                   "state-dir='/abs/state'\"")
         return NodeConfig(site=str(nc["site"]), data_dir=str(Path(str(nc["data-dir"])).expanduser()),
-                          state_dir=str(Path(str(nc["state-dir"])).expanduser()), policy=policy)
+                          state_dir=str(Path(str(nc["state-dir"])).expanduser()),
+                          signing_key=str(nc.get("signing-key", "")), policy=policy)
     try:
         return NodeConfig(partition=int(nc["partition-id"]), num_partitions=int(nc["num-partitions"]), policy=policy)
     except (KeyError, ValueError) as e:
         raise ConfigError("node config needs 'site', 'data-dir' and 'state-dir' (deployment) or Flower's "
                           "'partition-id' and 'num-partitions' (simulation)") from e
+
+
+TRUST_ENV = "FL_COVID_SERVER_TRUST"  # the operator's trust file, for the ServerApp (deploy/start_superlink.sh --trust)
+
+
+@dataclass(frozen=True)
+class ServerTrust:
+    """The operator's side of end-to-end authentication (``fl_covid.trust``), a YAML file on the SuperLink machine
+    named by ``$FL_COVID_SERVER_TRUST``::
+
+        signing-key: /etc/fl-covid/operator.sign.key     # the operator's Ed25519 private key
+        sites:                                           # per site: the node id of its registration and the
+          site_a_sarscov2: {node: 1234, key: BASE64}     # public key that signs its replies
+
+    Node pins live here, on the server's side, instead of in the run config that every site can read."""
+
+    signing_key: Path
+    keys: Mapping[str, str]  # site -> public key (base64)
+    nodes: Mapping[str, int]  # site -> node id
+
+    def check(self, sites: tuple[str, ...]) -> None:
+        """ConfigError unless every site of the run has a key and a node here."""
+        if missing := [s for s in sites if s not in self.keys]:
+            raise ConfigError(f"the trust file (${TRUST_ENV}) has no key and node for sites {missing}")
+
+
+def load_server_trust(file: Path) -> ServerTrust:
+    """The operator's trust file; ConfigError naming the key that is missing or wrong."""
+    try:
+        loaded = yaml.safe_load(Path(file).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"trust file {file} cannot be read: {e}") from e
+    if not isinstance(loaded, dict) or set(loaded) != {"signing-key", "sites"} or not isinstance(loaded["sites"], dict):
+        raise ConfigError(f"trust file {file} must hold exactly 'signing-key' (a file) and 'sites' (site: {{node: "
+                          "ID, key: BASE64}})")
+    keys, nodes = {}, {}
+    for site, entry in loaded["sites"].items():
+        if not isinstance(entry, dict) or set(entry) != {"node", "key"} or not isinstance(entry["node"], int):
+            raise ConfigError(f"trust file {file}: site {site!r} must have 'node' (the node id of its "
+                              "registration) and 'key' (its public signing key)")
+        try:
+            parse_public_key(entry["key"], f"trust file {file}: key of site {site!r}")
+        except NotTrusted as e:
+            raise ConfigError(str(e)) from None
+        keys[str(site)], nodes[str(site)] = str(entry["key"]), entry["node"]
+    if len(set(nodes.values())) != len(nodes):
+        raise ConfigError(f"trust file {file} pins two sites to one node")
+    return ServerTrust(Path(str(loaded["signing-key"])).expanduser(), keys, nodes)

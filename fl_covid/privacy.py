@@ -16,8 +16,10 @@ Theorem A.1, stated for epsilon < 1) calibrates
 Normalising the noisy sum is post-processing. Accounting composes the privacy loss distributions of the Gaussian
 mechanisms (Google's dp-accounting, PLD accountant: numerically tight, for any epsilon) over the two releases of
 a round and over rounds; a site's ``PrivacyLedger`` composes its releases over all its runs, for the policy's
-``dp-budget``. The noise of a round is drawn from a generator seeded by a secret of the site with the run and
-round, so a round released again repeats its noise and is counted once.
+``dp-budget``. The noise of a release is drawn from a generator seeded by a secret of the site with the run, the
+round and a digest of everything released (weights, epsilon, delta, clip, summary settings), so the same release
+asked again repeats its noise and is counted once, and any other release of a round draws fresh noise and is
+counted again.
 
 The guarantee covers the prototype record only: shared weights, ``num-examples`` and metrics leave the site
 without noise (see docs/threat-model.md).
@@ -79,11 +81,20 @@ def site_secret(file: Path) -> bytes:
     return secret
 
 
-def noise_generator(secret: bytes, run_name: str, server_round: int) -> torch.Generator:
-    """The generator of one round's DP noise: seeded from the site's secret with the run and round. The server,
-    which knows the run's seed, cannot predict the noise; a round released again (a resumed run repeating an
-    interrupted round) repeats its noise exactly, which reveals nothing new and costs no privacy."""
-    digest = hashlib.sha256(secret + f"|{run_name}|{server_round}|prototype-noise".encode()).digest()
+def release_digest(weights_digest: str, settings: dict[str, object]) -> str:
+    """SHA-256 naming one release by everything it depends on: the digest of the weights it summarises and the
+    settings of the release (``dp-epsilon``, ``dp-delta``, ``dp-clip`` and the summary's settings)."""
+    body = json.dumps({"weights": weights_digest, **settings}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def noise_generator(secret: bytes, run_name: str, server_round: int, release: str) -> torch.Generator:
+    """The generator of one release's DP noise: seeded from the site's secret with the run, the round and the
+    ``release_digest`` of everything released. The server, which knows the run's seed, cannot predict it; the
+    same release asked again (a resumed run repeating an interrupted round) repeats its noise exactly, which
+    reveals nothing new, while a release with any other input (another epsilon, clip or weights) draws fresh
+    noise, so that several releases of one round cannot be combined to cancel it."""
+    digest = hashlib.sha256(secret + f"|{run_name}|{server_round}|{release}|prototype-noise".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
@@ -149,8 +160,9 @@ def privacy_report(epsilon: float, delta: float, clip: float, releases: int) -> 
 
 class PrivacyLedger:
     """The prototype releases of one site over all its runs, kept in its state folder, so that the site can hold
-    its total privacy loss under the policy's ``dp-budget``. A release is keyed by run and round: a round
-    released again (resumed runs repeat their noise exactly) is counted once."""
+    its total privacy loss under the policy's ``dp-budget``. A release is keyed by run, round and its
+    ``release_digest``: the same release asked again (it repeats its noise exactly) is counted once, every
+    distinct release of a round is counted."""
 
     def __init__(self, file: Path) -> None:
         self.file = Path(file)
@@ -158,17 +170,27 @@ class PrivacyLedger:
             json.loads(self.file.read_text())["releases"] if self.file.is_file() else {})
 
     def epsilon(self, delta: float, planned: dict[str, dict[str, float]] | None = None) -> float:
-        """The total epsilon at ``delta`` of every recorded release and the ``planned`` ones (same keys)."""
+        """The total epsilon at ``delta`` of every recorded release and the ``planned`` ones (``planned``, keyed
+        by run and round, counts only rounds without a recorded release)."""
+        done = {k.rsplit("|", 1)[0] for k in self.releases}
+        todo = {k: r for k, r in (planned or {}).items() if k not in done}
         counts: dict[tuple[float, float], int] = {}
-        for r in {**self.releases, **(planned or {})}.values():
+        for r in [*self.releases.values(), *todo.values()]:
             key = (r["dp-epsilon"], r["dp-delta"])
             counts[key] = counts.get(key, 0) + 1
         return composed_epsilon([(release_event(e, d, 1.0), n) for (e, d), n in counts.items()], delta,
                                 max((e for e, _ in counts), default=1.0))
 
     @staticmethod
-    def release(run: str, server_round: int, epsilon: float, delta: float) -> dict[str, dict[str, float]]:
+    def planned(run: str, server_round: int, epsilon: float, delta: float) -> dict[str, dict[str, float]]:
+        """A release a run will make in ``server_round`` (for the budget check before it starts)."""
         return {f"{run}|{server_round}": {"dp-epsilon": epsilon, "dp-delta": delta}}
+
+    @staticmethod
+    def release(run: str, server_round: int, epsilon: float, delta: float, digest: str
+                ) -> dict[str, dict[str, float]]:
+        """One release: run, round and its ``release_digest``."""
+        return {f"{run}|{server_round}|{digest}": {"dp-epsilon": epsilon, "dp-delta": delta}}
 
     def record(self, releases: dict[str, dict[str, float]]) -> None:
         self.releases.update(releases)

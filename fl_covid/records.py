@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fl_covid.config import COMPRESSIONS
 from fl_covid.metrics import METRIC_NAMES
@@ -35,6 +35,7 @@ INT8_BLOCK = 16384
 PROTOTYPES = "prototypes"  # ArrayRecord: prototype bank (server -> site) or a site's prototypes (site -> server)
 CONFIG = "config"  # ConfigRecord: server-round, lr, run-name
 METRICS = "metrics"  # MetricRecord of a reply
+SIGNATURE = "signature"  # ConfigRecord: the Ed25519 signature of a deployment's message (fl_covid.trust)
 # ConfigRecord keys
 ROUND = "server-round"  # the round about to be trained (num-server-rounds + 1: the final evaluation)
 LR = "lr"
@@ -44,6 +45,9 @@ FINAL = "final"  # summary message after the last round: evaluate, keep the fina
 PROTOTYPES_DUE = "prototypes-due"  # summary message: compute and send this site's prototypes (prototype-every)
 DIGEST = "weights-sha256"  # train message without weights: train from the weights of this round's summary
 BASE = "base-sha256"  # summary under int8: the weights carry the difference from the weights of this digest
+# signature record keys
+SIG = "ed25519"  # base64 signature of the message's statement
+ORIGIN = "origin-run"  # instruction: the run whose folder the site works in (a resume names its predecessor)
 # MetricRecord keys (identical on every site; the site is a number, never part of a name)
 NUM_EXAMPLES = "num-examples"
 WEIGHT = "aggregation-weight"  # set by the server on accepted replies, never taken from a site
@@ -222,3 +226,22 @@ def read_bank(record: object, dim: int, max_rows: int) -> PrototypeBank:
     v = checked_array(record, P_VECTORS, (rows, dim), (np.dtype(np.float32),))
     ints = [checked_array(record, k, (rows,), (np.dtype(np.int64),)) for k in (P_LABELS, P_SITES, P_COUNTS)]
     return PrototypeBank(*(torch.from_numpy(a.copy()) for a in (v, *ints)))
+
+
+def content_digest(content: RecordDict) -> str:
+    """SHA-256 of a message's content without its signature record: Flower's object id, a hash over every record's
+    serialised bytes, the same at both ends of the wire."""
+    return RecordDict({k: v for k, v in content.items() if k != SIGNATURE}).object_id
+
+
+def signature_record(signature: str, origin: int | None = None) -> ConfigRecord:
+    """The record that carries a message's signature (and, for an instruction, the run it works in)."""
+    return ConfigRecord({SIG: signature, **({ORIGIN: origin} if origin is not None else {})})
+
+
+def read_signature(content: RecordDict) -> tuple[object, object]:
+    """(signature, origin run) of a received message; None for what it lacks (the verifier refuses it)."""
+    record = content.get(SIGNATURE) if SIGNATURE in content else None
+    if not isinstance(record, ConfigRecord):
+        return None, None
+    return record.get(SIG), record.get(ORIGIN)

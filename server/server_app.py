@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +14,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_covid import records as R
 from fl_covid.checkpoint import ServerState
-from fl_covid.config import Config, federated_config, to_json
+from fl_covid.config import TRUST_ENV, Config, federated_config, load_server_trust, to_json
 from fl_covid.federated import initial_shared
 from fl_covid.observe import emit
 from fl_covid.privacy import privacy_report
 from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, write_csv, write_json
 from server.collect import send_and_collect
+from server.signing import Signing
 from server.strategy import SitesMixin, build_strategy
 
 app = ServerApp()
@@ -44,7 +47,8 @@ def main(grid: Grid, context: Context) -> None:
     layout = R.layout_of(initial)
     strategy = build_strategy(config, run.dir.name, R.layout_size(layout), proj_dim,
                               on_row=lambda kind, row: run.writer.log({"phase": kind, **row}),
-                              on_aggregated=lambda rnd, s: emit("aggregated", round=rnd, bank=s.bank))
+                              on_aggregated=lambda rnd, s: emit("aggregated", round=rnd, bank=s.bank),
+                              signing=signing(config, run, context.run_id))
     weights, first = initial, 1
     if run.saved is not None:
         weights, first = run.saved.shared, run.saved.round + 1
@@ -53,6 +57,22 @@ def main(grid: Grid, context: Context) -> None:
     round_seconds = run_rounds(grid, strategy, config, run, layout, R.weights_record(R.flatten(weights, layout)),
                                first)
     finish(config, run, round_seconds, time.perf_counter() - started)
+
+
+def signing(config: Config, run: Run, run_id: int) -> Signing | None:
+    """End-to-end authentication when the SuperLink machine has a trust file (``$FL_COVID_SERVER_TRUST``; a
+    deployment's sites refuse unsigned instructions); None otherwise (simulation). A run works in the folders of
+    its own run id; a resumed run names the run it continues, from its directory ``<method>-run<ID>``."""
+    if not os.environ.get(TRUST_ENV):
+        return None
+    origin = run_id
+    if run.saved is not None:
+        match = re.fullmatch(rf"{re.escape(config.method)}-run(\d+)", run.dir.name)
+        if match is None:
+            raise ValueError(f"config key 'resume': {run.dir} is not a run directory <method>-run<ID> of method "
+                             f"{config.method}; the sites keep each run's state under its run id")
+        origin = int(match.group(1))
+    return Signing(load_server_trust(Path(os.environ[TRUST_ENV])), config, run_id, origin)
 
 
 def open_run(config: Config, run_id: int) -> Run:

@@ -25,6 +25,7 @@ from fl_covid.engine import cosine_lr
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.validation import check_metrics, check_num_examples, check_prototypes, check_update, remote_text
+from server.signing import Signing
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class SitesMixin:
 
     def __init__(self, *, config: Config, run_name: str, size: int, proj_dim: int,
                  on_row: Callable[[str, Row], None] | None = None,
-                 on_aggregated: Callable[[int, SitesMixin], None] | None = None, **flower: object) -> None:
+                 on_aggregated: Callable[[int, SitesMixin], None] | None = None, signing: Signing | None = None,
+                 **flower: object) -> None:
         need = config.min_sites_required
         super().__init__(min_train_nodes=need, min_evaluate_nodes=need, min_available_nodes=need,  # type: ignore[call-arg]
                          arrayrecord_key=R.WEIGHTS, configrecord_key=R.CONFIG, weighted_by_key=R.WEIGHT,
@@ -61,7 +63,9 @@ class SitesMixin:
         self.config, self.run_name = config, run_name
         self.size, self.proj_dim = size, proj_dim  # values in the flat shared weights; projection width
         self.bank = PrototypeBank.empty(proj_dim)
-        self.site_of_node: dict[int, int] = {node: site for site, node in config.pinned_nodes.items()}
+        self.signing = signing  # deployment: instructions signed, replies verified (server/signing.py)
+        pins = signing.pins if signing is not None else config.pinned_nodes  # the trust file's pins win
+        self.site_of_node: dict[int, int] = {node: site for site, node in pins.items()}
         self.dataset_sizes: dict[int, int] = {}  # site id -> num-examples of its first accepted training reply
         self.sent_flat = np.zeros(0, np.float32)  # the weights of the last train message: max-update-norm's reference
         self.summary = (0, "")  # (round, digest of the weights as the sites hold them) of the last summary message
@@ -124,6 +128,8 @@ class SitesMixin:
                 m.content[R.WEIGHTS] = weights
             if record is not None:
                 m.content[R.PROTOTYPES] = record
+        if self.signing is not None:
+            messages = self.signing.sign(messages)
         self.sent = messages
         return messages
 
@@ -182,6 +188,11 @@ class SitesMixin:
         """(why the reply must be rejected or None, what was decoded: weights or prototypes)."""
         if msg.has_error():
             return f"failed: {remote_text(msg.error.reason)}", {}
+        if self.signing is not None:
+            instruction = next((m for m in self.sent if m.metadata.message_id == msg.metadata.reply_to_message_id),
+                               None)
+            if reason := self.signing.check_reply(msg, instruction):
+                return reason, {}
         content = msg.content
         metrics = content.get(R.METRICS)
         if not isinstance(metrics, MetricRecord):
@@ -196,7 +207,8 @@ class SitesMixin:
         if pinned is None and site_id in self.site_of_node.values():
             return f"site-id {site_id} belongs to another node", {}
         prototypes = not train and self.config.prototypes_due(server_round)
-        allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set())
+        allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set()) | (
+            {R.SIGNATURE} if self.signing is not None else set())
         if unexpected := set(content.keys()) - allowed:
             return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
         expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
@@ -314,7 +326,8 @@ class SitesMixin:
 
 def build_strategy(config: Config, run_name: str, size: int, proj_dim: int,
                    on_row: Callable[[str, Row], None] | None = None,
-                   on_aggregated: Callable[[int, SitesMixin], None] | None = None) -> SitesMixin:
+                   on_aggregated: Callable[[int, SitesMixin], None] | None = None,
+                   signing: Signing | None = None) -> SitesMixin:
     """The strategy of ``config.method``: Flower's FedProx when the method has a proximal term, else the Flower
     strategy of its server optimizer, with ``SitesMixin`` on top."""
     spec = config.spec
@@ -331,4 +344,4 @@ def build_strategy(config: Config, run_name: str, size: int, proj_dim: int,
         base = FedAvg
     cls = type(f"Sites{base.__name__}", (SitesMixin, base), {})
     return cls(config=config, run_name=run_name, size=size, proj_dim=proj_dim, on_row=on_row,
-               on_aggregated=on_aggregated, **extra)
+               on_aggregated=on_aggregated, signing=signing, **extra)

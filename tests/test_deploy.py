@@ -6,12 +6,16 @@ port) and one SuperNode per site, each with a policy approving this copy of the 
 Checked, with every attack tried for real:
 - an outsider holding only ca.crt, at the hospitals' port, can neither list runs, register or unregister a node,
   nor start a run; an unregistered SuperNode is refused;
-- a run of an app the hospitals did not approve is refused by every site before any of its code runs;
+- a run of an app the hospitals did not approve is refused by every site before any of its code runs, and so is a
+  bundle declaring an agentapp (Flower would start flwr-agentapp, unguarded);
 - a malicious operator's settings (a method the sites forbid, DP off where they require it, oversize training, a
-  config file outside the app) are refused with a generic reason, and a compromised server that sends a
+  config file outside the app) are refused with a generic reason; a compromised server holding the operator's
+  signing key that asks a round's summary twice (a second DP release) is refused the second, and one that sends a
   traversal run name writes nothing outside any state folder;
-- a registered participant turned malicious, which impersonates the sites, sends malformed prototypes and a
-  forged log line, is rejected round after round while the runs go on with the honest sites;
+- every instruction is signed by the operator and every reply by its site (the operator's trust file pins the sites
+  to their nodes): a registered node that is no site of the run receives nothing; a site turned malicious can push
+  neither an instruction to another site (the final summary of an earlier run, to overwrite its model) nor a reply in
+  another site's name, and its undecodable reply rejects only that reply while the run completes;
 - an uninterrupted run completes with both sites; a SuperNode killed after round 1 stops the run naming the site;
   after restarting it and resuming the server, each site continues from its own saved BN and the run ends with
   bitwise the weights of the same federation run in one process (tests/inprocess.py), DP noise included.
@@ -46,6 +50,7 @@ from tests.inprocess import run_federation
 pytestmark = pytest.mark.slow
 
 SITES = (SITE_A, SITE_B)
+ROGUE_SITE = "site_rogue"  # the rogue's site in the run that pins it (test_a_malicious_site_...)
 REPO = project_root()
 OPERATOR, OUTSIDER = "operator", "outsider"
 RUN_TIMEOUT = 900  # seconds for one run; about a minute on an idle 2-core machine
@@ -58,58 +63,138 @@ POLICY = ("allowed-methods: [fedbn, fedbn-proto]\nrequire-dp: true\nmax-dp-epsil
 REFUSED = "run refused by the site's policy"
 FAILED = "the site could not complete this request"
 
-# A compromised server: Flower's own flwr-serverapp, with the approved app's strategy changed to send the run name
-# written in the file $FL_COVID_TEST_EVIL_SERVER (when that file holds one).
+# A compromised server (it holds the operator's signing key): Flower's own flwr-serverapp running the approved app,
+# changed when the file $FL_COVID_TEST_EVIL_SERVER holds a run name: round 1's summary is asked a second time, of
+# other weights (a second prototype release of the round), and the train messages name that run name; everything
+# is signed with the operator's key.
 EVIL_SERVER = '''
 import os, sys
 from pathlib import Path
 name = Path(os.environ["FL_COVID_TEST_EVIL_SERVER"])
 if name.is_file() and name.read_text().strip():
-    import server.strategy as S
+    import numpy as np
+    import server.server_app as A
+    import server.signing as G
+    from flwr.app import Array, ArrayRecord
     from fl_covid import records as R
-    honest = S.SitesMixin.configure_train
-    def configure_train(self, *args, **kwargs):
-        messages = honest(self, *args, **kwargs)
+    honest_sign, honest_summarise = G.Signing.sign, A.summarise
+    def sign(self, messages):
+        messages = list(messages)
         for m in messages:
-            m.content[R.CONFIG][R.RUN_NAME] = name.read_text().strip()
-        return messages
-    S.SitesMixin.configure_train = configure_train
+            if m.metadata.message_type == "train":
+                m.content[R.CONFIG][R.RUN_NAME] = name.read_text().strip()
+        return honest_sign(self, messages)
+    def summarise(grid, strategy, run, arrays, server_round, timeout):
+        honest_summarise(grid, strategy, run, arrays, server_round, timeout)
+        if server_round == 1:  # the same round again, other weights
+            other = ArrayRecord({R.FLAT: Array(arrays[R.FLAT].numpy() * np.float32(0.5))})
+            try:
+                honest_summarise(grid, strategy, run, other, server_round, timeout)
+            except Exception as e:
+                print("EVIL SECOND SUMMARY", type(e).__name__, e, flush=True)
+    G.Signing.sign, A.summarise = sign, summarise
 from flwr.superlink.cli.flwr_serverapp import flwr_serverapp
 sys.argv[0] = "flwr-serverapp"
 flwr_serverapp()
 '''
-# A malicious site: Flower's own flwr-clientapp without the approval guard, running the real ClientApp and then
-# tampering with its replies, round by round.
+# A registered site turned malicious (pinned as site ROGUE_SITE in the operator's trust file): Flower's own
+# flwr-clientapp without the approval guard, running the real ClientApp (so its replies are signed with its own key)
+# and attacking in round 1. Summary: a reply whose metric record body is not valid protobuf. Training, before it
+# trains: with its own registered key at the Fleet API it pushes (a) an instruction to site A without reply_to (the
+# final summary naming A's folder of an earlier, finished run, named in $FL_COVID_TEST_TARGET) and (b) a reply in site
+# B's name to B's training message (whose id it reads from the SuperLink's database here; the review computed it
+# from its own copy), carrying weights of its choosing. Each outcome is printed to the rogue's log.
 EVIL_SITE = '''
-import sys
-import numpy as np
-from flwr.app import Array, ArrayRecord
+import os, sqlite3, time
+from pathlib import Path
+from flwr.app import ConfigRecord, MetricRecord, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import message_to_proto
+from flwr.app.message import remove_content_from_message
+from flwr.proto.fleet_pb2 import PushMessagesRequest
+from flwr.proto.node_pb2 import Node
+from flwr.supercore.inflatable.inflatable_object import add_header_to_object_body, get_all_nested_objects, get_object_tree
+from flwr.supercore.inflatable.inflatable_protobuf_utils import make_push_object_fn_protobuf
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supernode.fleet_http_client import FleetHttpClient
+from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 import clients.client_app as C
 from fl_covid import records as R
+from fl_covid.checkpoint import RECEIVED
+from fl_covid.federated import Received
 honest, evil = C.app, ClientApp()
+E = os.environ
+
+class Garbled(MetricRecord):  # a metric record whose body is not valid protobuf
+    def deflate(self):
+        return add_header_to_object_body(object_body=b"\\x0a\\xff\\xff\\xff\\xff", obj=self)
+Garbled.__name__ = Garbled.__qualname__ = "MetricRecord"  # its header names the real type
+
+def push(content, **meta):
+    """Push a message of our making to the Fleet API, authenticated with the rogue's registered key."""
+    key = load_ssh_private_key(open(E["FL_COVID_TEST_ROGUE_KEY"], "rb").read(), password=None)
+    msg = Message(content=content, metadata=Metadata(message_id="", group_id="", created_at=time.time(), ttl=600,
+                                                     **meta))
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    with FleetHttpClient.from_server_address(E["FL_COVID_TEST_SUPERLINK"], False, E["FL_COVID_TEST_CA"],
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperNode"),
+                          NodeAuthHttpInterceptor(key, key.public_key())]) as client:
+        node = Node(node_id=int(E["FL_COVID_TEST_ROGUE_NODE"]))
+        try:
+            res = client.PushMessages(PushMessagesRequest(node=node, messages_list=[message_to_proto(
+                remove_content_from_message(msg))], message_object_trees=[get_object_tree(msg)]))
+            send = make_push_object_fn_protobuf(client.PushObject, node, meta["run_id"], res.session_id)
+            for oid, obj in get_all_nested_objects(msg).items():
+                if oid in set(res.objects_to_push):
+                    send(oid, obj.deflate())
+            return f"stored {msg.metadata.message_id}"
+        except Exception as e:
+            return f"refused: {getattr(getattr(e, 'response', None), 'text', e)}"
+
+def node64(n):
+    return n - 2**64 if n >= 2**63 else n
 
 @evil.train()
 def train(msg, context):
-    reply = honest(msg, context)
-    if int(msg.content[R.CONFIG][R.ROUND]) == 1:  # pretend to be the other site
-        reply.content[R.METRICS][R.SITE_ID] = 0
-    return reply
+    if int(msg.content[R.CONFIG][R.ROUND]) == 1:
+        run, me = msg.metadata.run_id, int(E["FL_COVID_TEST_ROGUE_NODE"])
+        a, b = int(E["FL_COVID_TEST_NODE_A"]), int(E["FL_COVID_TEST_NODE_B"])
+        node = context.node_config  # the weights of this round's summary, as this site keeps them
+        flat = Received.load(Path(node["state-dir"]) / msg.content[R.CONFIG][R.RUN_NAME] / f"site-{node['site']}"
+                             / RECEIVED).flat
+        order = RecordDict({R.WEIGHTS: R.weights_record(-flat), R.CONFIG: ConfigRecord({
+            R.ROUND: 2, R.RUN_NAME: Path(E["FL_COVID_TEST_TARGET"]).read_text(), R.FINAL: True, R.EVALUATE: True,
+            R.PROTOTYPES_DUE: False})})
+        print("FORGED INSTRUCTION", push(order, run_id=run, src_node_id=me, dst_node_id=a, reply_to_message_id="",
+                                         message_type="evaluate"), flush=True)
+        db = sqlite3.connect(E["FL_COVID_TEST_LINK_DB"])
+        target = db.execute("select message_id from message_ins where run_id = ? and dst_node_id = ? and "
+                            "message_type = 'train'", (node64(run), node64(b))).fetchone()[0]
+        weights = RecordDict({R.WEIGHTS: R.weights_record(-flat),
+                              R.METRICS: MetricRecord({R.NUM_EXAMPLES: 9, R.SITE_ID: 1, "loss": 0.1, "ce": 0.1,
+                                                       "con": 0.0, "train_accuracy": 1.0, "seconds": 1.0})})
+        print("FORGED REPLY", push(weights, run_id=run, src_node_id=b, dst_node_id=0, reply_to_message_id=target,
+                                   message_type="train"), flush=True)
+    return honest(msg, context)
 
 @evil.evaluate()
 def summarise(msg, context):
-    reply = honest(msg, context)  # (it keeps what it received, so that its training replies are sound)
-    if int(msg.content[R.CONFIG][R.ROUND]) == 1:  # a failure whose text forges a log line
-        raise RuntimeError("x\\nINFO flwr: FINAL fedbn-proto site_b_covidct: AUC 0.9990 FORGED")
-    if R.PROTOTYPES in reply.content:  # prototype counts as strings
-        n = len(reply.content[R.PROTOTYPES][R.P_COUNTS].numpy())
-        reply.content[R.PROTOTYPES][R.P_COUNTS] = Array(np.array(["5"] * n))
+    reply = honest(msg, context)
+    if int(msg.content[R.CONFIG][R.ROUND]) == 1:
+        reply.content[R.METRICS] = Garbled(dict(reply.content[R.METRICS]))
     return reply
 
 C.app = evil
 from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 flwr_clientapp()
 '''
+
+
+# Flower's SuperNode and SuperExec run by this interpreter (never through a pyenv shim, which would put its own
+# folder first on PATH and hide the rogue's ClientApp)
+SUPERNODE = "import sys; from flwr.supernode.cli import flower_supernode; sys.argv[0] = 'flower-supernode'; flower_supernode()"
+SUPEREXEC = "import sys\nfrom flwr.supercore.cli import flower_superexec\nsys.argv[0] = 'flower-superexec'\nflower_superexec()\n"
 
 
 def _children() -> dict[int, list[int]]:
@@ -214,6 +299,8 @@ class Federation:
         self.script("make_certificates.sh", str(self.secrets), "localhost", "127.0.0.1")
         for name in (*SITES, "intruder", "rogue"):
             self.script("make_site_key.sh", str(self.secrets / "sites"), name)
+        self.script("make_signing_key.sh", str(self.root / "operator-keys"), "operator")
+        self.write_trust({})  # the sites' nodes and keys once they are registered
         self.script("add_connection.sh", "hospitals", f"127.0.0.1:{self.control}", str(self.secrets / "ca.crt"))
         outsider = {**self.env, "FLWR_HOME": str(self.root / OUTSIDER)}  # only ca.crt, at the hospitals' port
         self.script("add_connection.sh", "hospitals", f"127.0.0.1:{self.port}", str(self.secrets / "ca.crt"),
@@ -224,7 +311,8 @@ class Federation:
                     "FL_COVID_TEST_EVIL_SERVER": str(self.evil_server)}
         self.spawn(self.root / "superlink.log", str(REPO / "deploy" / "start_superlink.sh"), "--secrets",
                    str(self.secrets), "--state-dir", str(self.root / "superlink"), "--host", "127.0.0.1",
-                   "--port", str(self.port), "--control-port", str(self.control), env=link_env)
+                   "--port", str(self.port), "--control-port", str(self.control), "--trust", str(self.trust),
+                   env=link_env)
         deadline = time.time() + 120
         while self.flwr("supernode", "ls", "hospitals", check=False).returncode != 0:
             assert time.time() < deadline, (self.root / "superlink.log").read_text()[-3000:]
@@ -234,34 +322,69 @@ class Federation:
         for name in (*SITES, "rogue"):  # the rogue is a registered participant that turns malicious
             out = self.flwr("supernode", "register", str(self.secrets / "sites" / f"{name}.key.pub"), "hospitals")
             self.node_ids[name] = int(re.search(r"SuperNode (\d+) registered", out.stdout).group(1))
+        self.write_trust({site: site for site in SITES})
+        operator_key = (self.root / "operator-keys" / "operator.sign.pub").read_text().strip()
         for site in SITES:
-            (self.root / f"{site}.policy.yaml").write_text(f"approved-apps: [{digest}]\n{POLICY}")
+            (self.root / f"{site}.policy.yaml").write_text(
+                f"approved-apps: [{digest}]\noperator-key: {operator_key}\n{POLICY}")
         for site in SITES:
             self.start_node(site)
         self.wait_online()
+
+    @property
+    def trust(self) -> Path:
+        return self.root / "trust.yaml"
+
+    def write_trust(self, sites: dict[str, str]) -> None:
+        """The operator's trust file: its signing key; per site (name -> the key pair it uses) the registered node
+        and the public key that signs its replies."""
+        lines = [f"signing-key: {self.root / 'operator-keys' / 'operator.sign.key'}", "sites:" if sites else "sites: {}"]
+        for site, key in sites.items():
+            public = (self.secrets / "sites" / f"{key}.sign.pub").read_text().strip()
+            lines.append(f"  {site}: {{node: {self.node_ids[key]}, key: {public}}}")
+        self.trust.write_text("\n".join(lines) + "\n")
 
     def start_node(self, site: str, key: str | None = None, log: Path | None = None) -> subprocess.Popen:
         proc = self.spawn(
             log or self.log(site), str(REPO / "deploy" / "start_supernode.sh"),
             "--superlink", f"127.0.0.1:{self.port}", "--ca", str(self.secrets / "ca.crt"),
             "--key", str(self.secrets / "sites" / f"{key or site}.key"), "--site", site,
+            "--signing-key", str(self.secrets / "sites" / f"{key or site}.sign.key"),
             "--data-dir", str(self.data / site), "--state-dir", str(self.state_dir(site)),
             "--policy", str(self.root / f"{site}.policy.yaml"), "--port", str(free_port()))
         if key is None:
             self.nodes[site] = proc
         return proc
 
-    def start_rogue(self, claims: str) -> subprocess.Popen:
-        """The rogue's registered key, Flower's SuperNode without the deploy script, claiming to be site
-        ``claims`` (on that site's images), with a ClientApp process that tampers with the real ClientApp's replies."""
+    @property
+    def rogue_target(self) -> Path:
+        """The file naming the earlier run whose folder at site A the rogue aims at."""
+        return self.root / "rogue-target"
+
+    def start_rogue(self, site: str, data: str) -> subprocess.Popen:
+        """The rogue's registered key, Flower's SuperNode without the deploy script, as site ``site`` (on the
+        images of site ``data``, with its own signing key and a policy trusting the operator), with a ClientApp
+        process that attacks (EVIL_SITE) in a run that pins it to a site."""
         evil_bin = self.root / "evil-site-bin"
         executable(evil_bin / "flwr-clientapp", EVIL_SITE)
+        executable(evil_bin / "flower-superexec", SUPEREXEC)  # this interpreter, whatever wrappers are on PATH
+        policy = self.root / "rogue.policy.yaml"
+        policy.write_text((self.root / f"{SITE_A}.policy.yaml").read_text())
+        attack = {"FL_COVID_TEST_ROGUE_KEY": str(self.secrets / "sites" / "rogue.key"),
+                  "FL_COVID_TEST_ROGUE_NODE": str(self.node_ids["rogue"]),
+                  "FL_COVID_TEST_NODE_A": str(self.node_ids[SITE_A]), "FL_COVID_TEST_NODE_B": str(self.node_ids[SITE_B]),
+                  "FL_COVID_TEST_SUPERLINK": f"127.0.0.1:{self.port}", "FL_COVID_TEST_CA": str(self.secrets / "ca.crt"),
+                  "FL_COVID_TEST_LINK_DB": str(self.root / "superlink" / "superlink.db"),
+                  "FL_COVID_TEST_TARGET": str(self.rogue_target)}
         return self.spawn(
-            self.log("rogue"), "flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--root-certificates",
+            self.log("rogue"), sys.executable, "-c", SUPERNODE, "--superlink", f"127.0.0.1:{self.port}",
+            "--root-certificates",
             str(self.secrets / "ca.crt"), "--auth-supernode-private-key", str(self.secrets / "sites" / "rogue.key"),
             "--port", str(free_port()), "--node-config",
-            f"site='{claims}' data-dir='{self.data / claims}' state-dir='{self.root / 'rogue'}'",
-            env={**self.env, "PATH": f"{evil_bin}:{self.env['PATH']}", "FLWR_HOME": str(self.root / "rogue-home")})
+            f"site='{site}' data-dir='{self.data / data}' state-dir='{self.root / 'rogue'}' policy='{policy}' "
+            f"signing-key='{self.secrets / 'sites' / 'rogue.sign.key'}'",
+            env={**self.env, **attack, "PATH": f"{evil_bin}:{self.env['PATH']}",
+                 "FLWR_HOME": str(self.root / "rogue-home")})
 
     def online(self) -> set[int]:
         out = self.flwr("supernode", "ls", "hospitals", "--format", "json", check=False).stdout
@@ -287,10 +410,9 @@ class Federation:
         assert not left, f"processes left running: {left}"
 
     def run(self, app: Path = REPO, **values: str) -> tuple[int, subprocess.Popen, Path]:
-        """Start `flwr run APP hospitals --stream` of the smoke config (plus ``values``) in the background."""
-        pins = ",".join(f"{site}={self.node_ids[site]}" for site in SITES)
-        config = {**SMOKE, "output-dir": f"'{self.out}'", **values}
-        config["overrides"] = f"'site-nodes={pins} {values.get('overrides', DP).strip(chr(39))}'"
+        """Start `flwr run APP hospitals --stream` of the smoke config (plus ``values``) in the background; the
+        operator's trust file pins each site to its registered node."""
+        config = {**SMOKE, "output-dir": f"'{self.out}'", "overrides": f"'{DP}'", **values}
         log = self.root / f"run-{len(self.procs)}.log"
         proc = self.spawn(log, "flwr", "run", str(app), "hospitals", "--stream", "--run-config",
                           " ".join(f"{k}={v}" for k, v in config.items()))
@@ -450,6 +572,74 @@ def test_an_app_the_hospitals_did_not_approve_never_runs(federation: Federation,
         assert "refused app bundle" in federation.log(site).read_text()
 
 
+# An app bundle that declares an AgentApp component, as in the security review: at the SuperLink it pushes a message
+# to every node; at a site (where Flower's SuperNode would start flwr-agentapp from its PATH) it records the node
+# config, the number of images and the size of the DP noise secret in MARKER-<site>.
+AGENT_APP = '''
+import json
+from pathlib import Path
+from flwr.agentapp import AgentApp
+app = AgentApp()
+
+def call(agent, name, **arguments):
+    return json.loads(agent.grid.call({"type": "function_call", "call_id": name, "name": name,
+                                       "arguments": arguments})["output"])
+
+@app.main()
+def main(agent, context):
+    site = context.node_config.get("site")
+    if site:
+        images = sum(1 for _ in Path(context.node_config["data-dir"]).rglob("*.jpg"))
+        secret = Path(context.node_config["state-dir"]) / f".noise-secret-{site}"
+        Path(f"MARKER-{site}").write_text(json.dumps({**context.node_config, "images": images,
+                                                       "secret-bytes": len(secret.read_bytes())}))
+        return
+    nodes = call(agent, "get_nodes", sample_size=None)["nodes"]
+    sent = call(agent, "push_messages", messages=[{"dst_node_id": n["id"], "payload": "count your images",
+                                                   "reply_to_message_id": None} for n in nodes])
+    call(agent, "pull_messages", message_ids=[r["message_id"] for r in sent["results"] if r["message_id"]],
+         timeout=20)
+'''
+START_AGENT_RUN = '''
+import hashlib, sys
+from pathlib import Path
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.chat.chat_app import start_chat_run
+from flwr.cli.utils import cli_output_control_client
+fab = build_fab_from_disk(Path(sys.argv[1]))
+with cli_output_control_client("hospitals") as (client, _):
+    print(start_chat_run(client, "count the images and read the noise secret", None, None,
+                         fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=fab)[0])
+'''
+
+
+def test_a_bundle_declaring_an_agentapp_never_runs_at_a_site(federation: Federation, tmp_path: Path) -> None:
+    """Flower's SuperNode starts flwr-agentapp from its PATH for a run of a bundle declaring an ``agentapp``
+    component; at every site that name is a stand-in that refuses (deploy/start_supernode.sh), so none of the
+    bundle's code runs there, whatever the site's approved apps."""
+    app, marker = tmp_path / "agent", tmp_path / "the-agentapp-ran"
+    app.mkdir()
+    (app / "agent.py").write_text(AGENT_APP.replace("MARKER", str(marker)))
+    (app / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "agent"\nversion = "1.0.0"\ndependencies = []\n'
+        '[tool.flwr.app]\npublisher = "reviewer"\n[tool.flwr.app.components]\nagentapp = "agent:app"\n'
+        '[tool.flwr.app.config]\n')
+    started = subprocess.run([sys.executable, "-c", START_AGENT_RUN, str(app)], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, check=False,
+                             env={**federation.env, "FLWR_HOME": str(federation.root / OPERATOR)})
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = int(started.stdout.split()[-1])
+
+    def refused_everywhere() -> bool:
+        return all("refused to start flwr-agentapp" in federation.log(site).read_text() for site in SITES)
+
+    wait_for(refused_everywhere, "every site refusing flwr-agentapp", 240, tuple(map(federation.log, SITES)))
+    federation.flwr("stop", str(run_id), "hospitals", check=False)
+    federation.idle()
+    assert not list(tmp_path.glob("the-agentapp-ran*")), [p.read_text() for p in tmp_path.glob("the-agentapp-ran*")]
+
+
 @pytest.mark.parametrize("values, reasons", [
     ({"method": "'fedavg'", "local-steps": "1000000", "overrides": "''"},
      ("'fedavg' is not among allowed-methods", "local-steps 1000000 exceeds")),
@@ -472,15 +662,26 @@ def test_a_config_file_outside_the_app_is_refused(federation: Federation) -> Non
     assert all("must name a file configs/NAME.yaml" in federation.log(s).read_text() for s in SITES)
 
 
-def test_a_compromised_server_cannot_write_outside_the_state_folders(federation: Federation) -> None:
+def test_a_compromised_server_cannot_write_outside_the_state_folders_nor_repeat_a_release(
+        federation: Federation) -> None:
+    """With the operator's own signing key, a compromised server asks round 1's summary a second time, of other
+    weights (a second DP release of the round, whose noise, seeded by the run and round only, was the same): every
+    site refuses it as a replayed instruction and its ledger holds one release of the round. Its train messages
+    name a traversal run name: nothing is written outside any state folder."""
     federation.evil_server.write_text("../../escaped")
     try:
-        status, log, _ = federation.run_to_end(**{"num-server-rounds": "1"})
+        status, log, run_id = federation.run_to_end(**{"num-server-rounds": "1"})
     finally:
         federation.evil_server.write_text("")
     assert status == "finished:failed" and log.count(FAILED) == 2, log[-3000:]
     assert not files_named(federation.root, "escaped")
-    assert all("run name" in federation.log(s).read_text() for s in SITES)
+    for site in SITES:
+        text = federation.log(site).read_text()
+        assert "run name" in text
+        assert re.search(rf"refused before reading any data: instruction evaluate of round 1 of run {run_id} is not "
+                         "later", text), text[-3000:]
+        ledger = json.loads((federation.state_dir(site) / f".privacy-ledger-{site}.json").read_text())["releases"]
+        assert len([k for k in ledger if k.startswith(f"fedbn-proto-run{run_id}|1")]) == 1, ledger
 
 
 @pytest.fixture(scope="module")
@@ -489,39 +690,36 @@ def crashed_run(federation: Federation) -> dict:
     the server has checkpointed round 1: the SuperLink reports the node unavailable and, as min-sites is all
     sites, the run stops as failed. Site B's SuperNode is started again as a new process and the run is resumed
     from its round-1 checkpoint. Throughout, a registered participant turned malicious (the rogue) takes part:
-    it claims to be site A, then site B, sends malformed prototypes and a forged log line."""
-    rogue = federation.start_rogue(claims=SITE_B)
-    try:
-        federation.wait_online(len(SITES) + 1)
-        run_id, proc, log = federation.run()
-        checkpoint = federation.run_dir(run_id) / "checkpoint"
-        wait_for(lambda: round_of(checkpoint) >= 1, "the round-1 checkpoint", logs=(log,))
-        stop(federation.nodes[SITE_B])
-        failed = {"status": federation.finish(run_id, proc, log), "log": log.read_text(),
-                  "final": (federation.run_dir(run_id) / "final_metrics.json").exists(),
-                  "checkpoint": round_of(checkpoint)}
-        wait_for(lambda: federation.node_ids[SITE_B] not in federation.online(), f"{SITE_B} offline", 180)
-        federation.start_node(SITE_B)
-        federation.wait_online(len(SITES) + 1)
-        federation.idle()
-        status, text, resumed_id = federation.run_to_end(resume=f"'{federation.run_dir(run_id)}'")
-    finally:
-        stop(rogue)
+    it is no site of the run (the operator's trust file pins none to it); it keeps running for
+    test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run."""
+    federation.start_rogue(ROGUE_SITE, SITE_A)
+    federation.wait_online(len(SITES) + 1)
+    run_id, proc, log = federation.run()
+    checkpoint = federation.run_dir(run_id) / "checkpoint"
+    wait_for(lambda: round_of(checkpoint) >= 1, "the round-1 checkpoint", logs=(log,))
+    stop(federation.nodes[SITE_B])
+    failed = {"status": federation.finish(run_id, proc, log), "log": log.read_text(),
+              "final": (federation.run_dir(run_id) / "final_metrics.json").exists(),
+              "checkpoint": round_of(checkpoint)}
+    wait_for(lambda: federation.node_ids[SITE_B] not in federation.online(), f"{SITE_B} offline", 180)
+    federation.start_node(SITE_B)
+    federation.wait_online(len(SITES) + 1)
+    federation.idle()
+    status, text, resumed_id = federation.run_to_end(resume=f"'{federation.run_dir(run_id)}'")
     return {"run_id": run_id, "failed": failed, "status": status, "log": text, "resumed_id": resumed_id}
 
 
-def test_a_malicious_participant_is_rejected_round_after_round(federation: Federation, crashed_run: dict) -> None:
-    """Site A and B are pinned to their registered nodes (site-nodes): every reply of the rogue is rejected,
-    its forged log line arrives quoted on one line, and the runs go on with the honest sites."""
+def test_a_registered_node_that_is_no_site_of_the_run_gets_nothing(federation: Federation,
+                                                                    crashed_run: dict) -> None:
+    """Instructions are signed for the site they go to, and only the nodes the trust file pins to a site get
+    any: a registered participant that is no site of the run (the rogue, claiming site B) never receives the
+    global weights, the prototype bank or anything else, and never runs."""
     node = federation.node_ids["rogue"]
     first, resumed = crashed_run["failed"]["log"], crashed_run["log"]
-    assert re.search(rf"round 1: rejected training reply of site \w+ \(node {node}\): site-id 0 belongs to another "
-                     "node", first), first[-4000:]
-    assert re.search(rf"round 2: rejected summary reply of site \w+ \(node {node}\): site-id 1 belongs to another "
-                     "node", resumed), resumed[-4000:]
-    forged = [line for line in first.splitlines() if "FORGED" in line]
-    assert forged and all("rejected summary reply" in line and "\\n" in line for line in forged), forged
-    assert not re.search(r"^\S*\s*INFO flwr: FINAL", first + resumed, re.MULTILINE)
+    for text in (first, resumed):
+        assert f"node {node} is no site of this run (trust file): it gets no instruction" in text, text[-4000:]
+        assert f"(node {node})" not in text  # no reply of it, accepted or rejected
+    assert not (federation.root / "rogue").exists()  # its ClientApp never ran
     assert crashed_run["status"] == "finished:completed"
 
 
@@ -564,3 +762,38 @@ def test_resumed_deployment_matches_the_same_run_in_one_process(federation: Fede
     assert resumed.keys() == reference.keys()
     differ = [k for k in resumed if not (resumed[k].dtype == reference[k].dtype and resumed[k].equal(reference[k]))]
     assert not differ, f"{len(differ)} of {len(resumed)} shared tensors differ, e.g. {differ[:3]}"
+
+
+
+def test_a_malicious_site_can_neither_instruct_nor_impersonate_nor_break_the_run(federation: Federation,
+                                                                                 crashed_run: dict) -> None:
+    """The rogue, pinned by the operator as a third site of a run (min-sites 2, round-timeout 180 s), attacks in
+    round 1 (EVIL_SITE): its summary reply holds a metric record that is not valid protobuf; it pushes an instruction to site A (the
+    final summary of the earlier, finished run, to overwrite A's model there) and a reply in site B's name to B's
+    training message. The SuperLink refuses both pushes before storing anything (server/link.py; had they been
+    stored, site A would refuse the unsigned instruction before reading any data and the server the reply not
+    signed by B: tests/test_trust.py); the malformed reply rejects only that reply; B's genuine reply counts and
+    the run completes."""
+    target = federation.run_dir(crashed_run["run_id"]).name
+    model = federation.state_dir(SITE_A) / target / f"site-{SITE_A}" / "model" / "model.pt"
+    before = model.read_bytes()
+    federation.rogue_target.write_text(target)
+    federation.write_trust({SITE_A: SITE_A, SITE_B: SITE_B, ROGUE_SITE: "rogue"})  # the rogue is still running
+    try:
+        federation.wait_online(len(SITES) + 1)
+        status, log, run_id = federation.run_to_end(**{"num-server-rounds": "1", "overrides": (
+            f"'{DP} min-sites=2 round-timeout=180 sites={SITE_A},{SITE_B},{ROGUE_SITE}'")})
+    finally:
+        federation.write_trust({site: site for site in SITES})
+    attacks = federation.log("rogue").read_text()
+    assert status == "finished:completed", log[-4000:]
+    assert re.search(r"FORGED INSTRUCTION refused: .*answers no instruction", attacks), attacks[-4000:]
+    assert re.search(rf"FORGED REPLY refused: .*in the name of node {federation.node_ids[SITE_B]}", attacks)
+    assert (federation.root / "superlink.log").read_text().count("refused a Fleet push") >= 2
+    assert model.read_bytes() == before  # the finished run's model at site A is untouched
+    assert re.search(rf"round 1: rejected summary reply of site {ROGUE_SITE} \(node \d+\): failed: .*could not be "
+                     "decoded", log), log[-4000:]
+    rows = json.loads((federation.run_dir(run_id) / "metrics.json").read_text())
+    assert sorted((r["phase"], r["site"]) for r in rows) == sorted(
+        [("train", SITE_A), ("train", SITE_B), ("train", ROGUE_SITE), ("evaluate", SITE_A), ("evaluate", SITE_B),
+         ("evaluate", ROGUE_SITE)])

@@ -23,6 +23,7 @@ from fl_covid.privacy import (
     noisy_class_sums,
     privacy_report,
     private_prototypes,
+    release_digest,
 )
 from server.strategy import NotEnoughSites
 from tests.inprocess import run_dir, run_federation, shared_run, wire
@@ -108,15 +109,46 @@ def test_accounting_matches_the_closed_form_of_composed_gaussians(epsilon: float
         report["total"]["epsilon"], rel=1e-9)
 
 
-def test_the_ledger_counts_each_round_once_across_runs(tmp_path: Path) -> None:
+def test_the_ledger_counts_each_distinct_release(tmp_path: Path) -> None:
+    """The same release asked again (a resume repeats its noise exactly) counts once; a release of the same run and
+    round with any other input (here another epsilon) is a release of its own and counts."""
     ledger = PrivacyLedger(tmp_path / "ledger.json")
+    settings = {"dp-epsilon": 1.0, "dp-delta": 1e-5, "dp-clip": 1.0}
     for run in ("run-a", "run-b"):
         for rnd in (1, 2, 3):
-            ledger.record(ledger.release(run, rnd, 1.0, 1e-5))
-    ledger.record(ledger.release("run-a", 2, 1.0, 1e-5))  # a round released again after a resume
+            ledger.record(ledger.release(run, rnd, 1.0, 1e-5, release_digest("w", settings)))
+    ledger.record(ledger.release("run-a", 2, 1.0, 1e-5, release_digest("w", settings)))  # the same, after a resume
     again = PrivacyLedger(tmp_path / "ledger.json")
     assert len(again.releases) == 6
     assert again.epsilon(1e-5) == pytest.approx(privacy_report(1.0, 1e-5, 1.0, 6)["total"]["epsilon"], rel=1e-9)
+    # the round released again at another epsilon: a seventh release, and its noise is drawn afresh
+    other = {**settings, "dp-epsilon": 0.5}
+    again.record(again.release("run-a", 2, 0.5, 1e-5, release_digest("w", other)))
+    assert len(PrivacyLedger(tmp_path / "ledger.json").releases) == 7
+    assert again.epsilon(1e-5) > privacy_report(1.0, 1e-5, 1.0, 6)["total"]["epsilon"]
+    # planned releases count only for rounds without a recorded release
+    assert again.epsilon(1e-5, again.planned("run-a", 3, 1.0, 1e-5)) == again.epsilon(1e-5)
+    assert again.epsilon(1e-5, again.planned("run-c", 1, 1.0, 1e-5)) > again.epsilon(1e-5)
+
+
+def test_the_noise_depends_on_everything_released() -> None:
+    """Releases of one round that differ in any input draw independent noise, so that several releases at
+    different settings cannot be combined to cancel the noise (the same release repeats its noise exactly)."""
+    settings = {"dp-epsilon": 1.0, "dp-delta": 1e-5, "dp-clip": 1.0, "min-prototype-images": 10}
+    base = release_digest("w" * 64, settings)
+
+    def draw(secret: bytes = b"s" * 32, release: str = base) -> torch.Tensor:
+        return torch.randn(64, generator=noise_generator(secret, "run", 1, release), dtype=torch.float64)
+
+    assert torch.equal(draw(), draw())
+    others = [release_digest("w" * 64, {**settings, "dp-epsilon": 2.0}),
+              release_digest("w" * 64, {**settings, "dp-clip": 0.5}),
+              release_digest("w" * 64, {**settings, "dp-delta": 1e-6}),
+              release_digest("w" * 64, {**settings, "min-prototype-images": 11}),
+              release_digest("v" * 64, settings)]
+    assert len({base, *others}) == 6
+    for release in others:
+        assert abs(float(torch.corrcoef(torch.stack([draw(), draw(release=release)]))[0, 1])) < 0.5
 
 
 def test_a_site_refuses_a_run_beyond_its_privacy_budget(tmp_path: Path) -> None:
@@ -171,10 +203,10 @@ def test_federated_round_with_dp(tmp_path: Path) -> None:
     second = torch.from_numpy(again.content[R.PROTOTYPES][R.P_VECTORS].numpy())
     assert not torch.equal(first, second) and torch.allclose(first.norm(dim=1), torch.ones(2))
     # ... and another secret other noise again, while the same secret, run and round repeat it exactly
-    assert torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)),
-                       torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)))
-    assert not torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1)),
-                           torch.randn(5, generator=noise_generator(b"t" * 32, "r", 1)))
+    assert torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1, "x")),
+                       torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1, "x")))
+    assert not torch.equal(torch.randn(5, generator=noise_generator(b"s" * 32, "r", 1, "x")),
+                           torch.randn(5, generator=noise_generator(b"t" * 32, "r", 1, "x")))
 
 
 def test_prototypes_are_released_on_the_schedule_only(tmp_path: Path) -> None:
@@ -194,7 +226,7 @@ def test_prototypes_are_released_on_the_schedule_only(tmp_path: Path) -> None:
     assert counts.sum() > 6  # 9 training images in the smoke site; sigma of a count at epsilon 50: about 0.1
     for site in ("site_a_sarscov2", "site_b_covidct"):
         releases = PrivacyLedger(tmp_path / f".privacy-ledger-{site}.json").releases
-        assert sorted(int(k.rsplit("|", 1)[1]) for k in releases) == [1, 3], releases
+        assert sorted(int(k.split("|")[1]) for k in releases) == [1, 3], releases
     assert json.loads((run_dir(tmp_path) / "privacy.json").read_text())["releases"] == 2
     # a server asking for prototypes off the schedule gets nothing
     d = grid.delivery(0, 2, "evaluate")
