@@ -65,7 +65,7 @@ def site_loop(config: Config, site: Site, split: Split, site_id: int = 0, compil
 
     def run(n: int) -> dict[str, float]:
         return train_steps(model, optimizer, next_batch, n, objective, image_size=config.image_size,
-                           generator=augment, grad_clip=config.grad_clip, cue_strength=config.cue_augment)
+                           generator=augment, grad_clip=config.grad_clip, augment=config.augmentation)
 
     return run
 
