@@ -27,6 +27,7 @@ from fl_covid.data import IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, make_optimizer, train_steps
 from fl_covid.federated import SiteRunner
 from fl_covid.model import build_model
+from fl_covid.objective import build_objective
 from fl_covid.seeding import derive
 
 
@@ -55,19 +56,16 @@ def site_loop(config: Config, site: Site, split: Split, site_id: int = 0, compil
     if spec.prototypes:
         rows = 2 * config.prototypes_per_class
         candidates = (F.normalize(torch.randn(rows, model.proj_dim), dim=1), torch.arange(rows) % 2)
-    shared = {k: v.detach().clone() for k, v in model.state_dict().items()} if spec.proximal else {}
+    shared = {k: v.detach().clone() for k, v in model.state_dict().items()} if spec.proximal else None
+    objective = build_objective(config, candidates, shared)
 
     def next_batch() -> list[Chunk]:
         idx = stream.next(config.batch_size)
         return [Chunk(0, site.images[idx], site.labels[idx])]
 
     def run(n: int) -> dict[str, float]:
-        return train_steps(
-            model, optimizer, next_batch, n, image_size=config.image_size, generator=augment,
-            alpha=config.alpha if spec.contrastive else 0.0, temperature=config.temperature, candidates=candidates,
-            candidate_weight=config.prototype_weight, grad_clip=config.grad_clip,
-            proximal=(config.proximal_mu, shared) if spec.proximal else None,
-            msnet=(config.msnet_temperature, config.msnet_weight), cue_strength=config.cue_augment)
+        return train_steps(model, optimizer, next_batch, n, objective, image_size=config.image_size,
+                           generator=augment, grad_clip=config.grad_clip, cue_strength=config.cue_augment)
 
     return run
 

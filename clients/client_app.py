@@ -20,7 +20,15 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fl_covid import records as R
-from fl_covid.checkpoint import PREDICTIONS_CSV, RECEIVED, SITE_MODEL, SITE_STATE, prune_site_states, site_folder
+from fl_covid.checkpoint import (
+    PREDICTIONS_CSV,
+    RECEIVED,
+    SITE_MODEL,
+    SITE_STATE,
+    VAL_PREDICTIONS_CSV,
+    prune_site_states,
+    site_folder,
+)
 from fl_covid.config import Config, NodeConfig, federated_config, parse_node_config
 from fl_covid.data import load_configured_site
 from fl_covid.engine import select_device
@@ -255,6 +263,7 @@ def summarise(msg: Message, context: Context) -> Message:
                                                          if k.startswith("val_")}))
     if summary.metrics is not None:
         write_predictions(folder / PREDICTIONS_CSV, runner.site, runner.split.test, summary.probs)
+        write_predictions(folder / VAL_PREDICTIONS_CSV, runner.site, runner.split.val, summary.val_probs)
         reply.update({k: v for k, v in summary.metrics.items() if k != "n"})
         reply[R.ROC_TPR] = summary.roc_tpr
     content = RecordDict({R.METRICS: MetricRecord(reply)})

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, site_folder
+from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, VAL_PREDICTIONS_CSV, site_folder
 from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
 from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
 from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import build_model, one_site_state
+from fl_covid.objective import build_objective
 from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
 from fl_covid.seeding import derive
 from fl_covid.site_model import model_card, save_site_model
@@ -55,15 +56,14 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
             chunks = [Chunk(0, torch.cat([c.images for c in chunks]), torch.cat([c.labels for c in chunks]))]
         return chunks
 
-    alpha = config.alpha if spec.contrastive else 0.0
+    objective = build_objective(config)
     for epoch in range(1, config.epochs + 1):
         start = (epoch - 1) * steps_per_epoch
         started = time.perf_counter()
         stats = train_steps(
-            model, optimizer, next_batch, steps_per_epoch, image_size=config.image_size, generator=aug_gen,
-            alpha=alpha, temperature=config.temperature, grad_clip=config.grad_clip,
-            msnet=(config.msnet_temperature, config.msnet_weight), cue_strength=config.cue_augment,
-            lr_at=lambda s: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
+            model, optimizer, next_batch, steps_per_epoch, objective, image_size=config.image_size,
+            generator=aug_gen, grad_clip=config.grad_clip, augment=config.augmentation,
+            lr_at=lambda s, start=start: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
         )
         stats["seconds"] = time.perf_counter() - started  # training steps of the epoch, without validation
         for j, k in enumerate(members):
@@ -77,8 +77,10 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
     for j, k in enumerate(members):
         site, split = sites[k]
         bn_index = j if per_site_bn else 0
-        val, _ = evaluate(model, site.images[split.val], site.labels[split.val], bn_index, config.image_size, device)
+        val, val_probs = evaluate(model, site.images[split.val], site.labels[split.val], bn_index, config.image_size,
+                                  device)
         folder = site_folder(writer.dir.parent, writer.dir.name, site.name)
+        write_predictions(folder / VAL_PREDICTIONS_CSV, site, split.val, val_probs)
         save_site_model(folder / SITE_MODEL, one_site_state(model, bn_index), model_card(
             config, site, split.train, run=writer.dir.name, method=method, rounds=config.epochs,
             validation={k: v for k, v in val.items() if k != "n"}))

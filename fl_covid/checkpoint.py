@@ -32,6 +32,7 @@ SITE_STATE = "state"
 RECEIVED = "received"  # the weights of the current round's summary message and the BN to train them with
 SITE_MODEL = "model"
 PREDICTIONS_CSV = "predictions.csv"
+VAL_PREDICTIONS_CSV = "val_predictions.csv"  # the validation split's, for decisions pooled over folds
 
 
 def site_folder(root: Path, run_name: str, site: str) -> Path:

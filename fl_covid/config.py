@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fl_covid.methods import FEDERATED_METHODS, METHODS, Method
+from fl_covid.preprocess import Augmentation
 from fl_covid.trust import NotTrusted, parse_public_key
 
 if TYPE_CHECKING:
@@ -63,10 +64,13 @@ class Config:
     dicom_window_width: float = 1500.0
     dicom_window_level: float = -600.0
     # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square;
-    # robust per-image intensity standardisation; augmentation of zoom, contrast/gamma, blur (strength in [0, 1])
+    # robust per-image intensity standardisation; augmentation of zoom, contrast/gamma, blur (strength in [0, 1]);
+    # of the low-frequency amplitude spectrum (|u|, |v| <= spectrum-band cycles per pixel), grey-level warp, borders
     body_crop: bool = False
     standardize: bool = False
     cue_augment: float = 0.0
+    style_augment: float = 0.0
+    spectrum_band: float = 0.1
     # model and loss
     arch: str = "redesigned"
     width: float = 0.25
@@ -150,6 +154,8 @@ class Config:
         need(0 < self.dicom_window_width < float("inf"), "dicom-window-width", "must be a finite number of HU > 0")
         need(abs(self.dicom_window_level) < float("inf"), "dicom-window-level", "must be a finite number of HU")
         need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
+        need(0.0 <= self.style_augment <= 1.0, "style-augment", "must be in [0, 1] (0 = off)")
+        need(0.0 < self.spectrum_band <= 0.5, "spectrum-band", "must be in (0, 0.5] cycles per pixel")
         need(self.arch in ("redesigned", "covidnet"), "arch", "must be 'redesigned' or 'covidnet'")
         need(self.width > 0, "width", "must be > 0")
         need(self.alpha >= 0, "alpha", "must be >= 0")
@@ -198,6 +204,11 @@ class Config:
     def spec(self) -> Method:
         """The record of ``method``: what is shared, kept per site and added to the loss."""
         return METHODS[self.method]
+
+    @property
+    def augmentation(self) -> Augmentation:
+        """What training does to its crops beyond random cropping (cue-augment, style-augment, spectrum-band)."""
+        return Augmentation(self.cue_augment, self.style_augment, self.spectrum_band)
 
     def prototypes_due(self, server_round: int) -> bool:
         """Whether the summary at the start of ``server_round`` computes and sends prototypes: methods that
@@ -266,11 +277,15 @@ class Config:
 def project_root() -> Path:
     """The project's source folder, also when the code runs from a Flower app bundle.
 
-    Flower imports the app from an unpacked copy without the embedded data; the installed distribution
-    (``pip install -e .``) still knows where the project lives. ``FL_COVID_HOME`` overrides both.
+    The checkout this code was imported from, when it holds the embedded data's manifests (a source checkout,
+    e.g. one on ``PYTHONPATH``); Flower imports the app from an unpacked copy without them (an app bundle holds
+    no CSV), and then the installed distribution (``pip install -e .``) still knows where the project lives.
+    ``FL_COVID_HOME`` overrides both.
     """
     if env := os.environ.get("FL_COVID_HOME"):
         return Path(env).expanduser().resolve()
+    if any((PACKAGE_DIR.parent / "data").glob("*/manifest.csv")):
+        return PACKAGE_DIR.parent
     try:
         direct = metadata.distribution("fl-covid").read_text("direct_url.json")
     except metadata.PackageNotFoundError:

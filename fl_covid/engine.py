@@ -1,9 +1,8 @@
 """The one training and evaluation loop, used by the centralized trainer and the Flower client alike.
 
 A step draws one chunk per site (``Chunk``: BN index, uint8 images, labels); each chunk goes through the model
-with its own BN, then CE over all logits + alpha * NT-Xent over all projections and the extra candidates
-(the other sites' prototypes in the federated protocol). A model with MS-Net's auxiliary branches adds their CE
-and the distillation of each image's site branch into the universal head.
+with its own BN, then the step's objective (``fl_covid.objective``: CE plus the method's loss terms) is
+minimised over all chunks together.
 """
 
 from __future__ import annotations
@@ -19,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_covid.data import eval_input, random_crops, to_input
-from fl_covid.losses import NTXentLoss
 from fl_covid.metrics import binary_metrics
-from fl_covid.preprocess import cue_augment
+from fl_covid.objective import Objective, StepOutput
 
 
 @dataclass(frozen=True)
@@ -82,32 +80,23 @@ def train_steps(
     optimizer: torch.optim.Optimizer,
     next_batch: Callable[[], list[Chunk]],
     steps: int,
+    objective: Objective,
     *,
     image_size: int,
     generator: torch.Generator,
-    alpha: float = 0.0,
-    temperature: float = 0.05,
-    candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
     grad_clip: float = 5.0,
-    candidate_weight: float = 1.0,
-    proximal: tuple[float, dict[str, torch.Tensor]] | None = None,
-    msnet: tuple[float, float] = (2.0, 0.5),
-    cue_strength: float = 0.0,
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
     amp: bool | None = None,
 ) -> dict[str, float]:
-    """Run ``steps`` optimisation steps; returns mean loss, ce, con and train accuracy over them.
+    """Run ``steps`` optimisation steps of ``objective`` (``fl_covid.objective.build_objective``); returns the mean
+    loss, ce and con (the contrastive term before its weight) and the train accuracy over them.
 
-    ``alpha`` > 0 adds NT-Xent over the projections of the whole step (all chunks) plus ``candidates``
-    ((P, D) vectors, (P,) labels), which are detached and count ``candidate_weight`` times each.
-    ``proximal`` = (mu, reference): FedProx's term mu / 2 * ||w - w_ref||^2 over the named parameters of
-    ``reference`` (the weights the round started from). ``lr_at(step)`` sets the learning rate per step.
-    ``cue_strength`` > 0 randomises zoom, contrast / gamma and blur of the crops (fl_covid.preprocess.cue_augment).
-    ``msnet`` = (temperature T, weight w), used when the model has auxiliary branches (MS-Net, Liu et al. 2020):
-    each chunk's site branch adds CE on its images, and the universal head learns from it by distillation,
-    w * T^2 * KL(softmax(aux / T) || softmax(logits / T)), the branch's side detached (the teacher).
+    Each step's chunks go through the model with their own BN; the projections and MS-Net's auxiliary logits are
+    computed when the objective asks for them. ``lr_at(step)`` sets the learning rate per step. ``augment``
+    (``Config.augmentation``) changes the uint8 crops further, with random numbers from ``generator``.
     ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
     crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
     the end (a non-finite loss is reported then, naming the steps it happened in).
@@ -115,20 +104,12 @@ def train_steps(
     device = torch.device(device)
     use_cuda = device.type == "cuda"
     amp = use_cuda if amp is None else amp
-    contrastive = NTXentLoss(temperature) if alpha > 0 else None
-    auxiliary = getattr(model, "auxiliary", None) is not None
-    if auxiliary and msnet[0] <= 0:
-        raise ValueError(f"msnet temperature must be > 0, got {msnet[0]}")
-    cand = None
-    if candidates is not None and contrastive is not None and len(candidates[0]):
-        cand = (candidates[0].to(device), candidates[1].to(device))
+    if objective.needs_auxiliary and getattr(model, "auxiliary", None) is None:
+        raise ValueError("the objective has MS-Net's term but the model has no auxiliary branches")
+    objective = objective.to(device)
     model.to(device).train()
     if use_cuda:
         model.to(memory_format=torch.channels_last)
-    anchored: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if proximal is not None and proximal[0] > 0:
-        params = dict(model.named_parameters())
-        anchored = [(params[k], v.to(device)) for k, v in proximal[1].items() if k in params]
     sums = torch.zeros(4, device=device)  # loss, ce, con, correct
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     seen, checked = 0, 0
@@ -140,30 +121,25 @@ def train_steps(
             logits, projections, labels, aux_logits = [], [], [], []
             for c in chunks:
                 crops = random_crops(c.images, image_size, generator)
-                if cue_strength > 0:  # zoom, contrast / gamma and blur against dataset-specific cues
-                    crops = cue_augment(crops, generator, cue_strength)
+                if augment is not None:  # against dataset-specific cues (fl_covid.preprocess.Augmentation)
+                    crops = augment(crops, generator)
                 x = to_input(to_device(crops, device))
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
-                if auxiliary:
+                if objective.needs_auxiliary:
                     features, aux_logit = model.forward_features_and_auxiliary(x, c.site)
                     aux_logits.append(aux_logit)
                 else:
                     features = model.forward_features(x, c.site)
                 logits.append(model.forward_head(features, c.site))
-                if contrastive is not None:
+                if objective.needs_projections:
                     projections.append(model.project(features, c.site))
                 labels.append(to_device(c.labels, device))
         # the losses in float32, outside autocast: similarities / temperature need more than bf16's 8 bits
-        logit, label = torch.cat(logits).float(), torch.cat(labels)
-        ce = F.cross_entropy(logit, label)
-        con = (contrastive(torch.cat(projections).float(), label, *(cand or (None, None)), candidate_weight)
-               if contrastive is not None else torch.zeros((), device=device))
-        loss = ce + alpha * con
-        if auxiliary:
-            loss = loss + msnet_loss(logit, torch.cat(aux_logits).float(), label, *msnet)
-        if anchored:
-            loss = loss + 0.5 * proximal[0] * sum(((p - r) ** 2).sum() for p, r in anchored)
+        out = StepOutput(torch.cat(logits).float(), torch.cat(labels),
+                         torch.cat(projections).float() if projections else None,
+                         torch.cat(aux_logits).float() if aux_logits else None)
+        loss, ce, con = objective(model, out)
         nonfinite |= ~torch.isfinite(loss.detach())
         if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:
             if nonfinite.item():
@@ -174,26 +150,13 @@ def train_steps(
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
-        sums += torch.stack([loss.detach(), ce.detach(), con.detach(), (logit.argmax(1) == label).sum()])
-        seen += len(label)
+        sums += torch.stack([loss.detach(), ce.detach(), con.detach(), (out.logits.argmax(1) == out.labels).sum()])
+        seen += len(out.labels)
         if progress is not None:
             progress(1)
     loss, ce, con, correct = sums.tolist()
     n = max(steps, 1)
     return {"loss": loss / n, "ce": ce / n, "con": con / n, "train_accuracy": correct / max(seen, 1)}
-
-
-def msnet_loss(logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-               weight: float) -> torch.Tensor:
-    """MS-Net's auxiliary terms for classification: CE of the auxiliary branches plus ``weight`` times the
-    distillation T^2 * KL(softmax(aux / T) || softmax(logits / T)) (batch mean) of the universal head from each
-    image's site branch; the teacher side is detached. logits, aux_logits: (B, C); labels: (B,)."""
-    aux_ce = F.cross_entropy(aux_logits, labels)
-    if weight == 0:
-        return aux_ce
-    teacher = F.softmax(aux_logits.detach() / temperature, dim=1)
-    kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), teacher, reduction="batchmean")
-    return aux_ce + weight * temperature ** 2 * kd
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import COVIDNet, bn_keys, build_model, load_partial, local_keys
+from fl_covid.objective import build_objective
 from fl_covid.observe import emit
 from fl_covid.privacy import private_prototypes
 from fl_covid.prototypes import PrototypeBank, class_prototypes
@@ -112,7 +113,8 @@ class Summary:
     """What a site makes of the weights it received at the start of a round (before training on them).
 
     ``metrics``: test-fold metrics and the validation split's as ``val_<name>`` (None when no evaluation was
-    due); ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID); ``prototypes``: this
+    due); ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID), (n_test,);
+    ``val_probs``: the validation split's per-image P(COVID), (n_val,); ``prototypes``: this
     site's prototypes in the received network (None when the method exchanges none); ``bn``: the BN state to
     train from (statistics re-estimated under the received weights with ``bn-recalibration``, else the site's).
     """
@@ -122,6 +124,7 @@ class Summary:
     probs: np.ndarray | None
     prototypes: PrototypeBank | None
     bn: dict[str, torch.Tensor]
+    val_probs: np.ndarray | None = None
 
 
 class SiteRunner:
@@ -177,9 +180,9 @@ class SiteRunner:
         subset = self.summary_indices(server_round)
         if cfg.bn_recalibration and not cfg.spec.shares_bn:
             recalibrate_bn(self.model, images[subset], cfg.image_size, device=self.device)
-        metrics = roc = probs = None
+        metrics = roc = probs = val_probs = None
         if evaluate_now:
-            val, _ = evaluate(self.model, images[self.split.val], labels[self.split.val], 0, cfg.image_size,
+            val, val_probs = evaluate(self.model, images[self.split.val], labels[self.split.val], 0, cfg.image_size,
                               self.device)
             metrics, probs = evaluate(self.model, images[self.split.test], labels[self.split.test], 0,
                                       cfg.image_size, self.device)
@@ -195,7 +198,7 @@ class SiteRunner:
                 if cfg.dp_epsilon > 0 else
                 class_prototypes(z, y, per_class=cfg.prototypes_per_class, min_count=cfg.min_prototype_images,
                                  seed=derive(cfg.seed, "prototypes", self.site_id, server_round))))
-        return Summary(metrics, roc, probs, prototypes, self._local_part())
+        return Summary(metrics, roc, probs, prototypes, self._local_part(), val_probs)
 
     def train(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None, local: LocalState | None,
               lr: float, server_round: int, bank: PrototypeBank | None
@@ -219,12 +222,9 @@ class SiteRunner:
 
         candidates = bank.candidates_for(self.site_id) if (spec.prototypes and bank is not None) else None
         stats = train_steps(
-            self.model, optimizer, next_batch, cfg.local_steps, image_size=cfg.image_size,
+            self.model, optimizer, next_batch, cfg.local_steps, build_objective(cfg, candidates, shared),
+            image_size=cfg.image_size, grad_clip=cfg.grad_clip, augment=cfg.augmentation, device=self.device,
             generator=torch.Generator().manual_seed(derive(cfg.seed, "augment", self.site_id, server_round)),
-            alpha=cfg.alpha if spec.contrastive else 0.0, temperature=cfg.temperature, candidates=candidates,
-            candidate_weight=cfg.prototype_weight, grad_clip=cfg.grad_clip, device=self.device,
-            proximal=(cfg.proximal_mu, shared) if spec.proximal else None,
-            msnet=(cfg.msnet_temperature, cfg.msnet_weight), cue_strength=cfg.cue_augment,
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round)

@@ -1,4 +1,5 @@
-"""Supervised NT-Xent contrastive loss (paper eq. 2; SPEC section 3) with optional extra candidates.
+"""The loss terms a step can add to CE, one module each: the supervised NT-Xent contrastive loss (paper eq. 2;
+SPEC section 3) with optional extra candidates, MS-Net's auxiliary CE and distillation, FedProx's proximal term.
 
 For every ordered pair (a, p) of anchors with the same label, the loss is
 ``-log(exp(s_ap / tau) / (exp(s_ap / tau) + sum_n exp(s_an / tau)))`` over the negatives n of a (different
@@ -64,3 +65,52 @@ class NTXentLoss(nn.Module):
         pair_weight = pos * weight
         mean = (per_pair.masked_fill(~pos, 0.0) * pair_weight).sum() / pair_weight.sum().clamp(min=1e-12)
         return torch.where(pos.any() & neg.any(), mean, z.sum() * 0.0)
+
+
+class MSNetLoss(nn.Module):
+    """MS-Net's auxiliary terms for classification (Liu et al., IEEE TMI 2020): CE of the site-specific auxiliary
+    branches plus ``weight`` times the distillation T^2 * KL(softmax(aux / T) || softmax(logits / T)) (batch mean)
+    of the universal head from each image's site branch; the teacher side (the branch) is detached."""
+
+    def __init__(self, temperature: float = 2.0, weight: float = 0.5) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"msnet temperature must be > 0, got {temperature}")
+        if weight < 0:
+            raise ValueError(f"msnet weight must be >= 0, got {weight}")
+        self.temperature, self.weight = temperature, weight
+
+    def forward(self, logits: torch.Tensor, aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """logits: (B, C) of the universal head, aux_logits: (B, C) of each image's site branch, labels: (B,)."""
+        aux_ce = F.cross_entropy(aux_logits, labels)
+        if self.weight == 0:
+            return aux_ce
+        t = self.temperature
+        teacher = F.softmax(aux_logits.detach() / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), teacher, reduction="batchmean")
+        return aux_ce + self.weight * t ** 2 * kd
+
+
+class ProximalTerm(nn.Module):
+    """FedProx's proximal term (Li et al., MLSys 2020): mu / 2 * sum over the named parameters of
+    ||w - w_ref||^2, with ``reference`` the weights the round started from (name -> tensor, detached)."""
+
+    def __init__(self, mu: float, reference: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        if mu < 0:
+            raise ValueError(f"proximal-mu must be >= 0, got {mu}")
+        self.mu = mu
+        self.reference = {k: v.detach() for k, v in reference.items()}
+
+    def forward(self, model: nn.Module) -> torch.Tensor:
+        """The term for ``model``'s current parameters (those named in the reference); a 0-d tensor. The reference
+        moves to the parameters' device once."""
+        params = dict(model.named_parameters())
+        pairs = []
+        for k in [k for k in self.reference if k in params]:
+            if self.reference[k].device != params[k].device:
+                self.reference[k] = self.reference[k].to(params[k].device)
+            pairs.append((params[k], self.reference[k]))
+        if not pairs:
+            return torch.zeros((), device=next(model.parameters()).device)
+        return 0.5 * self.mu * sum(((p - r) ** 2).sum() for p, r in pairs)

@@ -7,16 +7,22 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
 - ``body_crop``: grey uint8 (H, W) -> the body's bounding box, padded to a square (aspect kept);
 - ``standardize``: grey uint8 (H, W) -> the body's 1st..99th intensity percentiles stretched to 0..255;
 - ``cue_augment``: uint8 batch (B, 1, S, S) -> the same batch with random scale, gamma / contrast, blur and
-  (optionally) JPEG re-compression, drawn from a ``torch.Generator``.
+  (optionally) JPEG re-compression, drawn from a ``torch.Generator``;
+- ``style_augment``: uint8 batch (B, 1, S, S) -> the same batch with its low-frequency amplitude spectrum
+  randomly rescaled (a band of half-width ``band`` x S around DC: global intensity, vignetting, large-scale
+  contrast), a random monotone grey-level warp (the histogram's shape, its percentiles) and random borders.
 
-The first two are NumPy functions for decoding time (one image, before the square resize); the third runs on
-cached batches like ``fl_covid.data.random_crops``. None of them is wired into training here.
+The first two are NumPy functions for decoding time (one image, before the square resize); the last two run on
+cached batches like ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``,
+``style-augment``, ``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an
+image is used beyond it, so nothing leaves a site.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +39,9 @@ MAX_LOG_CONTRAST = 0.3
 MAX_BRIGHTNESS = 0.08  # fraction of the grey range
 JPEG_QUALITY = (30, 95)  # quality range at strength 1; at strength s the lowest is 95 - s * 65
 APPLY_PROBABILITY = 0.5  # each operation touches an image with this probability, so no artefact marks a class
+MAX_AMPLITUDE_CHANGE = 0.5  # low-frequency amplitudes scaled by a factor in [1 - 0.5 s, 1 + 0.5 s]
+WARP_KNOTS = 4  # the grey-level warp: piecewise linear through WARP_KNOTS + 1 knots
+MAX_BORDER = 0.15  # each side's border up to this fraction of the image, at strength 1
 
 
 def _check_grey(image: np.ndarray, name: str) -> np.ndarray:
@@ -202,3 +211,98 @@ def cue_augment(images: torch.Tensor, generator: torch.Generator, strength: floa
                 cpu[i, 0] = _jpeg(cpu[i, 0], quality[i])
             out = torch.from_numpy(cpu).to(images.device)
     return out
+
+
+def _hermitian(field: torch.Tensor) -> torch.Tensor:
+    """A real field over an unshifted FFT grid (..., S, S) averaged with its mirror at (-u, -v) mod S, so that
+    scaling a real image's spectrum by it keeps the image real."""
+    mirror = torch.roll(torch.flip(field, dims=(-2, -1)), shifts=(1, 1), dims=(-2, -1))
+    return (field + mirror) / 2
+
+
+def spectrum_jitter(x: torch.Tensor, noise: torch.Tensor, band: float, change: float) -> torch.Tensor:
+    """Images x (B, 1, S, S) in [0, 1] with the amplitude of every frequency with |u|, |v| <= ``band`` (cycles
+    per pixel, DC included) multiplied by 1 + change * n, n from ``noise`` (B, 1, S, S) in [-1, 1] mirrored so the
+    image stays real; the phase is kept. Returns (B, 1, S, S) clamped to [0, 1]."""
+    freq = torch.fft.fftfreq(x.shape[-1], device=x.device).abs()
+    low = (freq[:, None] <= band) & (freq[None, :] <= band)
+    factor = 1 + change * _hermitian(noise) * low
+    return torch.fft.ifft2(torch.fft.fft2(x) * factor).real.clamp(0, 1)
+
+
+def grey_warp(x: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
+    """Images x (B, 1, S, S) in [0, 1] through a monotone piecewise-linear map with knots at k / K (K = inner's
+    width + 1) sent to 0, ``inner`` (B, K - 1) (increasing, in (0, 1)), 1."""
+    b, k = x.shape[0], inner.shape[1] + 1
+    out = torch.cat([torch.zeros(b, 1, device=x.device), inner, torch.ones(b, 1, device=x.device)], dim=1)
+    segment = torch.clamp((x * k).long(), max=k - 1)
+    lo = out.gather(1, segment.view(b, -1)).view_as(x)
+    hi = out.gather(1, (segment + 1).view(b, -1)).view_as(x)
+    return lo + (x * k - segment) * (hi - lo)
+
+
+def random_border(x: torch.Tensor, widths: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+    """Images x (B, 1, S, S) with ``widths`` (B, 4) pixels at the top, bottom, left and right set to ``level``
+    (B,)."""
+    s = x.shape[-1]
+    idx = torch.arange(s, device=x.device)
+    rows = (idx[None, :] >= widths[:, 0:1]) & (idx[None, :] < s - widths[:, 1:2])  # (B, S)
+    cols = (idx[None, :] >= widths[:, 2:3]) & (idx[None, :] < s - widths[:, 3:4])
+    inside = rows[:, :, None] & cols[:, None, :]
+    return torch.where(inside[:, None], x, level.view(-1, 1, 1, 1))
+
+
+def style_augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
+                  band: float = 0.1) -> torch.Tensor:
+    """Randomise an image's style of a uint8 batch (B, 1, S, S) -> uint8 (B, 1, S, S), on the batch's device.
+
+    Per image and each with probability APPLY_PROBABILITY: (1) ``spectrum_jitter``: its amplitude spectrum within
+    |u|, |v| <= ``band`` multiplied by a random factor in [1 - 0.5 s, 1 + 0.5 s] per frequency, the phase (the
+    anatomy) kept (FedDG and HarmoFL as released perturb only DC); (2) ``grey_warp``: a random monotone grey-level
+    map through WARP_KNOTS + 1 knots, each inner knot moved by up to half a segment times s (percentiles and
+    histogram shape change, the order of grey levels stays); (3) ``random_border``: each side's border, up to
+    0.15 s of the image, set to a random grey level (border brightness, padding). ``s`` = ``strength`` in [0, 1];
+    0 returns an unchanged copy. All random numbers come from ``generator`` (a CPU generator) in a fixed amount per
+    call, so a seeded generator gives the same batch on any device up to floating-point rounding.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"style_augment needs a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}")
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"style_augment strength must be in [0, 1], got {strength}")
+    if not 0.0 < band <= 0.5:
+        raise ValueError(f"spectrum band must be in (0, 0.5] cycles per pixel, got {band}")
+    b, _, s, _ = images.shape
+    u = torch.rand(b, 3 + (WARP_KNOTS - 1) + 5, generator=generator, device=generator.device)
+    field = torch.rand(b, 1, s, s, generator=generator, device=generator.device)
+    if strength == 0 or b == 0:
+        return images.clone()
+    u, field = u.to(images.device), field.to(images.device)
+    apply = (u[:, :3] < APPLY_PROBABILITY).view(b, 3, 1, 1, 1)  # spectrum, warp, border
+    x = images.float() / 255.0
+    x = torch.where(apply[:, 0], spectrum_jitter(x, 2 * field - 1, band, MAX_AMPLITUDE_CHANGE * strength), x)
+    knots = torch.linspace(0, 1, WARP_KNOTS + 1, device=x.device)[1:-1]
+    inner = knots + (2 * u[:, 3:2 + WARP_KNOTS] - 1) * 0.5 * strength / WARP_KNOTS
+    x = torch.where(apply[:, 1], grey_warp(x, inner), x)
+    r = 2 + WARP_KNOTS
+    widths = (MAX_BORDER * strength * s * u[:, r:r + 4]).floor().long()
+    x = torch.where(apply[:, 2], random_border(x, widths, u[:, r + 4]), x)
+    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """The training augmentation of the crops beyond random cropping: ``cue_augment`` at strength ``cue``, then
+    ``style_augment`` at strength ``style`` with spectrum band ``band`` (config keys cue-augment, style-augment,
+    spectrum-band); the identity when both strengths are 0 (and then no random number is drawn)."""
+
+    cue: float = 0.0
+    style: float = 0.0
+    band: float = 0.1
+
+    def __call__(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """uint8 crops (B, 1, S, S) -> uint8 (B, 1, S, S)."""
+        if self.cue > 0:
+            crops = cue_augment(crops, generator, self.cue)
+        if self.style > 0:
+            crops = style_augment(crops, generator, self.style, self.band)
+        return crops

@@ -4,7 +4,9 @@ Flower's ``Grid.send_and_receive`` sleeps 3 s between pulls in a deployment (``f
 every reply of a message in one call, which decodes them all: one corrupt reply raises there and takes the others
 with it. ``send_and_collect`` pushes the messages, then pulls each outstanding reply by its own id at an interval
 that starts at ``FIRST_POLL_S`` and grows by ``BACKOFF`` to ``LAST_POLL_S`` while nothing arrives (back to the
-first after each reply). A reply that cannot be pulled or decoded becomes an error reply of its site, which the
+first after each reply). A reply waits on average half of ``LAST_POLL_S`` once a site trains longer than a few
+polls; a pull of one message is one in-memory lookup in a simulation and one loopback call to the SuperLink in a
+deployment, so 20 pulls per second and pending reply cost nothing measurable. A reply that cannot be pulled or decoded becomes an error reply of its site, which the
 strategy counts as that site's failure for the round; the other replies still count.
 """
 
@@ -21,7 +23,7 @@ from flwr.serverapp import Grid
 log = logging.getLogger(__name__)
 
 FIRST_POLL_S = 0.005
-LAST_POLL_S = 0.25
+LAST_POLL_S = 0.05
 BACKOFF = 1.5
 
 

@@ -18,8 +18,9 @@ from fl_covid import records as R
 from fl_covid.centralized import main as central_main
 from fl_covid.config import ConfigError, load_config
 from fl_covid.data import load_configured_site, random_crops, to_input
-from fl_covid.engine import Chunk, evaluate, make_optimizer, msnet_loss, train_steps
+from fl_covid.engine import Chunk, evaluate, make_optimizer, train_steps
 from fl_covid.federated import LocalState, shared_keys
+from fl_covid.losses import MSNetLoss
 from fl_covid.methods import METHODS, Method
 from fl_covid.model import (
     PEPX,
@@ -37,6 +38,7 @@ from fl_covid.model import (
     local_keys,
     one_site_state,
 )
+from fl_covid.objective import Objective
 from fl_covid.site_model import load_site_model
 from tests.conftest import SITE_A, SITE_B
 from tests.inprocess import run_dir, run_federation
@@ -260,19 +262,6 @@ def test_msnet_config_keys_are_validated() -> None:
 
 # --- MS-Net's loss -------------------------------------------------------------------------------------------------
 
-def test_msnet_loss_matches_a_reference() -> None:
-    g = torch.Generator().manual_seed(0)
-    for labels in (torch.tensor([0, 1, 1, 0, 1]), torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)):
-        logits, aux = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g) * 3
-        for t, w in ((2.0, 0.5), (1.0, 1.0), (4.0, 0.0)):
-            p_t = np.exp(aux.numpy() / t) / np.exp(aux.numpy() / t).sum(1, keepdims=True)
-            log_p_s = logits.numpy() / t - np.log(np.exp(logits.numpy() / t).sum(1, keepdims=True))
-            kl = float((p_t * (np.log(p_t) - log_p_s)).sum(1).mean())
-            log_p_aux = aux.numpy() - np.log(np.exp(aux.numpy()).sum(1, keepdims=True))
-            ce = float(-log_p_aux[np.arange(5), labels.numpy()].mean())
-            assert float(msnet_loss(logits, aux, labels, t, w)) == pytest.approx(ce + w * t * t * kl, rel=1e-5)
-
-
 def _grads(model: COVIDNet, x: torch.Tensor, y: torch.Tensor, site: int, weight: float | None
            ) -> dict[str, torch.Tensor]:
     """Gradients of CE (+ MS-Net's terms with ``weight``, none when None) for one batch of ``site``."""
@@ -281,7 +270,7 @@ def _grads(model: COVIDNet, x: torch.Tensor, y: torch.Tensor, site: int, weight:
     logits = model.forward_head(features, site)
     loss = F.cross_entropy(logits, y)
     if weight is not None:
-        loss = loss + msnet_loss(logits, aux, y, 2.0, weight)
+        loss = loss + MSNetLoss(2.0, weight)(logits, aux, y)
     loss.backward()
     return {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
 
@@ -312,7 +301,7 @@ def _chunks(seed: int) -> list[Chunk]:
 
 
 @pytest.mark.parametrize("weight", (0.0, 0.5))
-def test_train_steps_adds_the_msnet_terms_only_with_auxiliary_branches(weight: float) -> None:
+def test_train_steps_adds_the_msnet_terms_and_refuses_them_without_auxiliary_branches(weight: float) -> None:
     chunks = _chunks(1)
     model = small(auxiliary=True).train()
     reference = small(auxiliary=True).train()
@@ -324,15 +313,16 @@ def test_train_steps_adds_the_msnet_terms_only_with_auxiliary_branches(weight: f
             f, a = reference.forward_features_and_auxiliary(to_input(random_crops(c.images, SIZE, g)), c.site)
             logits.append(reference.forward_head(f, c.site)), aux.append(a), labels.append(c.labels)
         logit, label = torch.cat(logits), torch.cat(labels)
-        expected = msnet_loss(logit, torch.cat(aux), label, 2.0, weight)
-    stats = train_steps(model, make_optimizer(model, 1e-3), lambda: chunks, 1, image_size=SIZE,
-                        generator=torch.Generator().manual_seed(3), msnet=(2.0, weight))
+        expected = MSNetLoss(2.0, weight)(logit, torch.cat(aux), label)
+    objective = Objective(msnet=MSNetLoss(2.0, weight))
+    stats = train_steps(model, make_optimizer(model, 1e-3), lambda: chunks, 1, objective, image_size=SIZE,
+                        generator=torch.Generator().manual_seed(3))
     assert stats["ce"] == pytest.approx(float(F.cross_entropy(logit, label)), rel=1e-5)
     assert stats["loss"] - stats["ce"] == pytest.approx(float(expected), rel=1e-4)
     plain = small().train()
-    stats = train_steps(plain, make_optimizer(plain, 1e-3), lambda: chunks, 1, image_size=SIZE,
-                        generator=torch.Generator().manual_seed(3), msnet=(2.0, weight))
-    assert stats["loss"] == stats["ce"]
+    with pytest.raises(ValueError, match="no auxiliary branches"):
+        train_steps(plain, make_optimizer(plain, 1e-3), lambda: chunks, 1, objective, image_size=SIZE,
+                    generator=torch.Generator().manual_seed(3))
 
 
 # --- real runs -----------------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import torch
 from fl_covid import engine
 from fl_covid.data import MEAN, STD, augment, random_crops, to_input
 from fl_covid.engine import Chunk, make_optimizer, predict, select_device, train_steps
+from fl_covid.losses import NTXentLoss
 from fl_covid.model import create_model
+from fl_covid.objective import Objective
 
 SIZE, CACHE, BATCH = 32, 36, 6
 
@@ -51,10 +53,10 @@ def test_bf16_autocast_keeps_float32_weights_and_float_results(alpha: float) -> 
     results = {}
     for amp in (False, True):
         model = _model()
-        stats = train_steps(model, make_optimizer(model, 1e-3), lambda: [Chunk(0, images, labels)], 3,
-                            image_size=SIZE, generator=torch.Generator().manual_seed(1), alpha=alpha, amp=amp,
-                            candidates=(torch.nn.functional.normalize(torch.randn(2, 128), dim=1),
-                                        torch.tensor([0, 1])))
+        objective = Objective(NTXentLoss(0.05) if alpha > 0 else None, alpha,
+                              (torch.nn.functional.normalize(torch.randn(2, 128), dim=1), torch.tensor([0, 1])))
+        stats = train_steps(model, make_optimizer(model, 1e-3), lambda: [Chunk(0, images, labels)], 3, objective,
+                            image_size=SIZE, generator=torch.Generator().manual_seed(1), amp=amp)
         assert all(isinstance(v, float) and np.isfinite(v) for v in stats.values())
         assert all(p.dtype == torch.float32 for p in model.parameters())
         probs, z = predict(model, images, 0, SIZE, with_projections=True, amp=amp)
@@ -81,7 +83,7 @@ def test_nonfinite_loss_is_caught_at_the_next_check(monkeypatch: pytest.MonkeyPa
         model.classifier[-1].bias.fill_(float("nan"))
     monkeypatch.setattr(engine, "FINITE_CHECK_EVERY", 4)
     with pytest.raises(FloatingPointError, match=r"within steps 0\.\.3"):
-        train_steps(model, make_optimizer(model, 1e-3), next_batch, 10, image_size=SIZE,
+        train_steps(model, make_optimizer(model, 1e-3), next_batch, 10, Objective(), image_size=SIZE,
                     generator=torch.Generator().manual_seed(1))
     assert len(calls) == 4
     calls.clear()
@@ -89,6 +91,6 @@ def test_nonfinite_loss_is_caught_at_the_next_check(monkeypatch: pytest.MonkeyPa
     with torch.no_grad():
         model.classifier[-1].bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"within steps 0\.\.2"):  # fewer steps than the interval
-        train_steps(model, make_optimizer(model, 1e-3), next_batch, 3, image_size=SIZE,
+        train_steps(model, make_optimizer(model, 1e-3), next_batch, 3, Objective(), image_size=SIZE,
                     generator=torch.Generator().manual_seed(1))
     assert len(calls) == 3

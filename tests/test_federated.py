@@ -107,6 +107,16 @@ def test_fedbn_site_restores_its_own_bn_and_re_estimates_its_statistics(method: 
     assert not same(stored[0], stored[1])  # each site keeps its own BN
 
 
+def test_sites_keep_their_test_and_validation_predictions() -> None:
+    _, output = shared_run("fedbn")
+    for site in SITES:
+        folder = run_dir(output) / f"site-{site}"
+        test = {row["path"] for row in read_manifest(folder / "predictions.csv")}
+        val = read_manifest(folder / "val_predictions.csv")
+        assert test and val and not test & {row["path"] for row in val}
+        assert {row["label"] for row in val} == {"0", "1"} and all(0 <= float(r["prob_covid"]) <= 1 for r in val)
+
+
 def test_fedavg_sites_use_the_global_bn() -> None:
     grid, _ = shared_run("fedavg")
     model = smoke_model()

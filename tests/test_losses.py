@@ -1,14 +1,20 @@
-"""NT-Xent (SPEC section 3) against pytorch-metric-learning and against a plain double loop of the definition."""
+"""The loss terms against references: NT-Xent (SPEC section 3) against pytorch-metric-learning and a plain double
+loop of the definition, MS-Net's term against the formula in numpy, FedProx's term and its gradient against the
+definition; the objective each method builds from its record."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
 
-from fl_covid.losses import NTXentLoss
+from fl_covid.config import Config
+from fl_covid.losses import MSNetLoss, NTXentLoss, ProximalTerm
+from fl_covid.methods import METHODS
+from fl_covid.objective import StepOutput, build_objective
 
 LABEL_PATTERNS = {
     "balanced": [0, 0, 0, 0, 1, 1, 1, 1],
@@ -174,3 +180,69 @@ def test_candidate_weight_equals_replicated_candidates(weight: int) -> None:
         rel=1e-5)
     with pytest.raises(ValueError, match="candidate_weight"):
         NTXentLoss(0.1)(z, labels, cands, cand_labels, candidate_weight=0.0)
+
+
+# --- MS-Net's term and FedProx's term -------------------------------------------------------------------------------
+
+def test_msnet_loss_matches_a_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    for labels in (torch.tensor([0, 1, 1, 0, 1]), torch.zeros(5, dtype=torch.long), torch.ones(5, dtype=torch.long)):
+        logits, aux = torch.randn(5, 2, generator=g), torch.randn(5, 2, generator=g) * 3
+        for t, w in ((2.0, 0.5), (1.0, 1.0), (4.0, 0.0)):
+            p_t = np.exp(aux.numpy() / t) / np.exp(aux.numpy() / t).sum(1, keepdims=True)
+            log_p_s = logits.numpy() / t - np.log(np.exp(logits.numpy() / t).sum(1, keepdims=True))
+            kl = float((p_t * (np.log(p_t) - log_p_s)).sum(1).mean())
+            log_p_aux = aux.numpy() - np.log(np.exp(aux.numpy()).sum(1, keepdims=True))
+            ce = float(-log_p_aux[np.arange(5), labels.numpy()].mean())
+            assert float(MSNetLoss(t, w)(logits, aux, labels)) == pytest.approx(ce + w * t * t * kl, rel=1e-5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        MSNetLoss(0.0)
+
+
+def test_proximal_term_and_its_gradient_match_the_definition() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    reference = {k: v.detach() + torch.randn_like(v) for k, v in model.named_parameters() if k.startswith("0.")}
+    mu = 0.3
+    term = ProximalTerm(mu, reference)(model)
+    params = dict(model.named_parameters())
+    expected = mu / 2 * sum(float(((params[k].detach() - r) ** 2).sum()) for k, r in reference.items())
+    assert float(term.detach()) == pytest.approx(expected, rel=1e-6)
+    term.backward()
+    for k, p in params.items():  # d/dw = mu (w - w_ref) on the named parameters, nothing elsewhere
+        want = mu * (p.detach() - reference[k]) if k in reference else torch.zeros_like(p)
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), want)
+    with pytest.raises(ValueError, match="proximal-mu must be >= 0"):
+        ProximalTerm(-1.0, reference)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_builds_the_terms_its_record_names(method: str) -> None:
+    spec, config = METHODS[method], Config(method=method)
+    reference = {"w": torch.zeros(1)}
+    candidates = (torch.nn.functional.normalize(torch.randn(2, 8), dim=1), torch.tensor([0, 1]))
+    objective = build_objective(config, candidates, reference)
+    assert (objective.contrastive is not None) == spec.contrastive
+    assert (objective.candidates is not None) == spec.contrastive
+    assert (objective.msnet is not None) == spec.auxiliary
+    assert (objective.proximal is not None) == spec.proximal
+    assert build_objective(config.replace(alpha=0.0), candidates, reference).contrastive is None
+
+
+def test_objective_sums_its_terms() -> None:
+    g = torch.Generator().manual_seed(1)
+    out = StepOutput(torch.randn(6, 2, generator=g), torch.tensor([0, 1, 0, 1, 1, 0]),
+                     torch.randn(6, 8, generator=g), torch.randn(6, 2, generator=g))
+    model = torch.nn.Linear(2, 2)
+    reference = {k: v.detach() + 1 for k, v in model.named_parameters()}
+    config = Config(method="contrastive", alpha=0.7)
+    loss, ce, con = build_objective(config)(model, out)
+    assert float(ce) == pytest.approx(float(torch.nn.functional.cross_entropy(out.logits, out.labels)))
+    assert float(con) == pytest.approx(float(NTXentLoss(config.temperature)(out.projections, out.labels)))
+    assert float(loss) == pytest.approx(float(ce) + 0.7 * float(con))
+    prox = build_objective(Config(method="fedprox"), reference=reference)
+    loss, ce, con = prox(model, out)
+    assert float(con) == 0
+    assert float(loss.detach()) == pytest.approx(float(ce) + float(ProximalTerm(prox.proximal.mu, reference)(model).detach()))
+    with pytest.raises(ValueError, match="needs the weights the round started from"):
+        build_objective(Config(method="fedprox"))

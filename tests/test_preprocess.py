@@ -1,5 +1,5 @@
-"""Cue-removing preprocessing: body crop, intensity standardisation and cue augmentation, on synthetic slices with a
-known body and marks, and on real images from the embedded data."""
+"""Cue-removing preprocessing: body crop, intensity standardisation, cue and style augmentation (spectrum, grey-level
+warp, borders), on synthetic slices with a known body and marks, and on real images from the embedded data."""
 
 from __future__ import annotations
 
@@ -11,7 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
-from fl_covid.preprocess import body_crop, body_mask, cue_augment, otsu_threshold, standardize
+from fl_covid.config import Config
+from fl_covid.preprocess import (
+    Augmentation,
+    body_crop,
+    body_mask,
+    cue_augment,
+    grey_warp,
+    otsu_threshold,
+    random_border,
+    spectrum_jitter,
+    standardize,
+    style_augment,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 H, W = 180, 260
@@ -137,6 +149,63 @@ def test_cue_augment_weak_strength_changes_less():
     strong = cue_augment(x, torch.Generator().manual_seed(7), 1.0)
     diff = [(y.int() - x.int()).abs().float().mean() for y in (weak, strong)]
     assert 0 < diff[0] < diff[1]
+
+
+def test_spectrum_jitter_rescales_low_frequency_amplitudes_keeps_the_phase_and_the_image_real():
+    x = 0.3 + 0.4 * _batch(4).float() / 255.0  # mid-grey: nothing reaches the clamp
+    noise = 2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(1)) - 1
+    y = spectrum_jitter(x, noise, band=0.1, change=0.2)
+    assert ((y > 0) & (y < 1)).all()
+    ratio = torch.fft.fft2(y) / torch.fft.fft2(x)  # real (phase kept) and the image real: y is exactly the jitter
+    freq = torch.fft.fftfreq(x.shape[-1]).abs()
+    low = (freq[:, None] <= 0.1) & (freq[None, :] <= 0.1)
+    assert ratio.imag.abs().max() < 1e-3
+    assert (ratio.real[..., ~low] - 1).abs().max() < 1e-3  # high frequencies untouched
+    band = ratio.real[..., low]
+    assert band.min() >= 0.8 - 1e-3 and band.max() <= 1.2 + 1e-3 and (band - 1).abs().mean() > 0.03
+    assert torch.equal(spectrum_jitter(x, torch.zeros_like(x), 0.1, 0.3), spectrum_jitter(x, noise, 0.1, 0.0))
+
+
+def test_grey_warp_is_monotone_through_its_knots_and_borders_are_set():
+    x = torch.linspace(0, 1, 64).view(1, 1, 1, 64).expand(2, 1, 64, 64).contiguous()
+    inner = torch.tensor([[0.2, 0.5, 0.9], [0.25, 0.5, 0.75]])
+    y = grey_warp(x, inner)
+    assert (y[..., 1:] >= y[..., :-1]).all() and y.min() == 0 and y.max() == 1
+    torch.testing.assert_close(y[1], x[1])  # knots at k / K: the identity
+    torch.testing.assert_close(grey_warp(torch.full((2, 1, 2, 2), 0.25), inner)[:, 0, 0, 0], torch.tensor([0.2, 0.25]))
+    z = random_border(x, torch.tensor([[3, 0, 0, 5], [0, 0, 0, 0]]), torch.tensor([0.7, 0.1]))
+    assert (z[0, 0, :3] == 0.7).all() and (z[0, 0, :, -5:] == 0.7).all() and torch.equal(z[0, 0, 3:, :-5], x[0, 0, 3:, :-5])
+    assert torch.equal(z[1], x[1])
+
+
+def test_style_augment_is_deterministic_changes_pixels_and_draws_a_fixed_amount():
+    x = _batch()
+    a = style_augment(x, torch.Generator().manual_seed(3), 1.0)
+    assert a.shape == x.shape and a.dtype == torch.uint8
+    assert torch.equal(a, style_augment(x, torch.Generator().manual_seed(3), 1.0))
+    assert not torch.equal(a, style_augment(x, torch.Generator().manual_seed(4), 1.0))
+    assert (a != x).flatten(1).any(1).float().mean() > 0.6  # each of 3 operations hits about half the images
+    g0, g1 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert torch.equal(style_augment(x, g0, 0.0), x)
+    style_augment(x, g1, 0.7)
+    assert torch.equal(torch.rand(3, generator=g0), torch.rand(3, generator=g1))  # the same draws at any strength
+    weak, strong = (style_augment(x, torch.Generator().manual_seed(7), s) for s in (0.2, 1.0))
+    assert 0 < (weak.int() - x.int()).abs().float().mean() < (strong.int() - x.int()).abs().float().mean()
+    with pytest.raises(ValueError, match="strength"):
+        style_augment(x, g0, 1.5)
+    with pytest.raises(ValueError, match="band"):
+        style_augment(x, g0, 1.0, band=0.0)
+
+
+def test_augmentation_from_the_config_composes_cue_then_style():
+    x = _batch()
+    config = Config(cue_augment=0.5, style_augment=0.8, spectrum_band=0.2)
+    g = torch.Generator().manual_seed(9)
+    expected = style_augment(cue_augment(x, g, 0.5), g, 0.8, 0.2)
+    assert torch.equal(config.augmentation(x, torch.Generator().manual_seed(9)), expected)
+    g = torch.Generator().manual_seed(9)
+    assert torch.equal(Augmentation()(x, g), x) and torch.equal(torch.rand(2, generator=g),
+                                                                 torch.rand(2, generator=torch.Generator().manual_seed(9)))
 
 
 def test_real_images_from_the_embedded_data():

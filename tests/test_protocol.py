@@ -54,6 +54,8 @@ def test_centralized_folds_partition_the_site_by_patient_and_are_reused(tmp_path
         assert (final["fold"], final["seed"], final["protocol"]) == (r["fold"], r["seed"], "grouped")
         assert Path(r["run_dir"], f"site-{SITE_B}", "model", "model.pt").is_file()
         test_paths.append({row["path"] for row in read_csv(Path(r["run_dir"]) / f"site-{SITE_B}" / "predictions.csv")})
+        val = read_csv(Path(r["run_dir"]) / f"site-{SITE_B}" / "val_predictions.csv")  # for pooled decisions
+        assert val and not {row["path"] for row in val} & test_paths[-1]
     assert not test_paths[0] & test_paths[1] and len(test_paths[0] | test_paths[1]) == 24  # 12 per class
     assert not {patient[p] for p in test_paths[0]} & {patient[p] for p in test_paths[1]}  # grouped by patient
     before = sorted(p.name for p in out.glob("fold*/*"))

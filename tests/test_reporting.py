@@ -112,7 +112,7 @@ def test_report_files_published_column_and_statements(runs: Path, tmp_path: Path
     assert rows["fedbn-proto"]["published_auc"] == "" and rows["fedbn"]["published_auc"] == ""
     assert float(rows["contrastive"]["auc_mean"]) == pytest.approx(75.0)  # ours, never the published value
     contrastive_line = next(line for line in md.splitlines() if "| contrastive |" in line)
-    assert "| 75.00 | 96.24 |" in contrastive_line
+    assert "| 75.00 |  | 75.00 (n=1) | 96.24 |" in contrastive_line  # seed 0 only: no confirmation yet
     with open(out / "ttests.csv", newline="") as f:
         pairs = {(r["ours"], r["other"]) for r in csv.DictReader(f)}
     # ours against every other row, the paper's method against every row but ours (tested once)
@@ -172,3 +172,8 @@ def test_claims_parameters_and_planned_runs(runs: Path, tmp_path: Path) -> None:
     assert rows["joint"]["n_planned"] == "12" and "| 4 / 12 |" in (out / "table.md").read_text()
     assert int(rows["joint"]["parameters_width_1"]) == 48_675_090  # one site in the fixture: one BN
     assert int(rows["single"]["parameters_width_1"]) == 48_675_090
+    # seed 0 (development) and the other seeds (confirmation) side by side: single's AUC by seed 80, 81 | 79, 80
+    single = rows["single"]
+    assert float(single["auc_development_mean"]) == pytest.approx(80.5) and single["n_development"] == "2"
+    assert float(single["auc_confirmation_mean"]) == pytest.approx(79.5) and single["n_confirmation"] == "2"
+    assert "| 79.50 ± 0.71 (n=2) | 80.50 ± 0.71 (n=2) |" in (out / "table.md").read_text()
