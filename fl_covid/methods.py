@@ -81,6 +81,10 @@ _ALL = (
     Method("fedadam", True, "FedAdam server optimizer with FedBN's local BN", server_optimizer="fedadam"),
     Method("fedyogi", True, "FedYogi server optimizer with FedBN's local BN", server_optimizer="fedyogi"),
     Method("fedavgm", True, "FedAvgM (server momentum) with FedBN's local BN", server_optimizer="fedavgm"),
+    Method("scaffold", True, "SCAFFOLD (control variates against client drift, local SGD at sgd-lr) with FedBN's "
+           "local BN", algorithm="scaffold"),
+    Method("fedbn-proto-scaffold", True, "FedBN + cross-site prototypes (ours) with SCAFFOLD's drift correction "
+           "(local SGD at sgd-lr)", prototypes=True, contrastive=True, algorithm="scaffold"),
     Method("single", False, "Single: one model per site, trained on that site alone"),
     Method("joint", False, "Joint: one model on the pooled sites, shared BN", pooled=True),
     Method("sepnorm", False, "SepNorm: one model on the pooled sites, one BN per site", pooled=True,

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from fl_covid.algorithms.base import Algorithm, LossTerm, Payload
+from fl_covid.algorithms.scaffold import Scaffold
 from fl_covid.config import Config, ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"none": Algorithm}
+ALGORITHMS: dict[str, type[Algorithm]] = {"none": Algorithm, "scaffold": Scaffold}
 
 
 def algorithm_for(config: Config, size: int) -> Algorithm:
