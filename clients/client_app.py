@@ -36,6 +36,7 @@ from fl_covid.federated import LocalState, Received, SiteRunner
 from fl_covid.privacy import PrivacyLedger, noise_generator, release_digest, site_secret
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import write_predictions
+from fl_covid.shift import shift_profile
 from fl_covid.site_model import model_card, save_site_model
 from fl_covid.trust import (
     Instruction,
@@ -257,10 +258,13 @@ def summarise(msg: Message, context: Context) -> Message:
         Received(flat, summary.bn, server_round).save(folder / RECEIVED)
     reply: dict = {R.NUM_EXAMPLES: len(runner.split.test), R.SITE_ID: runner.site_id}
     if final:  # the site keeps its complete final model: the global weights with its own BN
+        images = runner.site.images
+        profile = shift_profile(runner.model, images[runner.split.train], images[runner.split.val], config.image_size,
+                                seed=config.seed, device=runner.device)
         save_site_model(folder / SITE_MODEL, runner.model.state_dict(), model_card(
             config, runner.site, runner.split.train, run=folder.parent.name, method=config.method,
             rounds=config.num_server_rounds, validation={k[4:]: v for k, v in (summary.metrics or {}).items()
-                                                         if k.startswith("val_")}))
+                                                         if k.startswith("val_")}, shift=profile))
     if summary.metrics is not None:
         write_predictions(folder / PREDICTIONS_CSV, runner.site, runner.split.test, summary.probs)
         write_predictions(folder / VAL_PREDICTIONS_CSV, runner.site, runner.split.val, summary.val_probs)

@@ -28,6 +28,7 @@ from fl_covid.model import build_model, one_site_state
 from fl_covid.objective import build_objective
 from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
 from fl_covid.seeding import derive
+from fl_covid.shift import shift_profile
 from fl_covid.site_model import model_card, save_site_model
 
 log = logging.getLogger(__name__)
@@ -81,9 +82,11 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
                                   device)
         folder = site_folder(writer.dir.parent, writer.dir.name, site.name)
         write_predictions(folder / VAL_PREDICTIONS_CSV, site, split.val, val_probs)
+        profile = shift_profile(model, site.images[split.train], site.images[split.val], config.image_size,
+                                site=bn_index, seed=config.seed, device=device)
         save_site_model(folder / SITE_MODEL, one_site_state(model, bn_index), model_card(
             config, site, split.train, run=writer.dir.name, method=method, rounds=config.epochs,
-            validation={k: v for k, v in val.items() if k != "n"}))
+            validation={k: v for k, v in val.items() if k != "n"}, shift=profile))
         metrics, probs = evaluate(model, site.images[split.test], site.labels[split.test], bn_index,
                                   config.image_size, device)
         labels = site.labels[split.test].numpy()

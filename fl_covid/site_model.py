@@ -5,7 +5,9 @@ Layout, written by every site after a federated run's last round and by ``fl-cov
 
     <folder>/model.pt     the one-site model's state dict, plain tensors (read with torch.load(weights_only=True))
     <folder>/model.json   the model card: architecture, input, classes and threshold, run, training data
-                          fingerprint, the site's validation metrics, intended use, data licences
+                          fingerprint, the site's validation metrics, intended use, data licences, the shift
+                          profile of its training images (fl_covid.shift; aggregates only) and the AUC measured at
+                          unseen sites (``fl-covid-evaluate`` adds it)
 
 Folders are ``<run dir or state dir>/<run name>/site-<name>/model``. Nothing here is shared with other sites.
 """
@@ -45,8 +47,9 @@ def training_fingerprint(site: Site, indices: Any) -> str:
 
 
 def model_card(config: Config, site: Site, train_indices: Any, *, run: str, method: str, rounds: int,
-               validation: dict[str, float] | None) -> dict[str, Any]:
-    """The model card of ``site``'s model trained under ``config`` (JSON-friendly)."""
+               validation: dict[str, float] | None, shift: dict[str, Any] | None) -> dict[str, Any]:
+    """The model card of ``site``'s model trained under ``config`` (JSON-friendly); ``shift``: the site's shift
+    profile (``fl_covid.shift.shift_profile``), None when it has too few images for one."""
     try:
         version = metadata.version("fl-covid")
     except metadata.PackageNotFoundError:
@@ -58,6 +61,8 @@ def model_card(config: Config, site: Site, train_indices: Any, *, run: str, meth
         "method": method, "run": run, "rounds": rounds, "site": site.name, "sites": list(config.sites),
         "training_images": len(train_indices), "training_data_sha256": training_fingerprint(site, train_indices),
         "validation_metrics": validation or {},
+        "shift": shift,
+        "unseen_site_auc": {},
         "config": config.to_dict(),
         "intended_use": INTENDED_USE,
         "data_licences": {name: data_licence(name, site.root if name == site.name else None)
@@ -73,6 +78,17 @@ def save_site_model(folder: Path, state: dict[str, torch.Tensor], card: dict[str
     torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, buf)
     atomic_write_bytes(Path(folder) / WEIGHTS_FILE, buf.getvalue())
     write_json(Path(folder) / CARD_FILE, card)
+
+
+def record_unseen_auc(folder: str | Path, site: str, metrics: dict[str, Any], **about: Any) -> None:
+    """Add the AUC measured on unseen site ``site`` (and ``about`` it: BN choice, output folder) to the card in
+    ``folder``; a later measurement on the same site replaces it."""
+    file = Path(folder).expanduser() / CARD_FILE
+    card = json.loads(file.read_text())
+    card.setdefault("unseen_site_auc", {})[site] = {
+        "auc": metrics["auc"], "n": metrics["n"], **about,
+        "measured": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_json(file, card)
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,14 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
+from fl_covid.cues import blockiness, image_features
 from fl_covid.experiments.audit import (
     BLOCK,
     FEATURES,
     SiteFeatures,
     _pseudo_patients,
     audit_pair,
-    blockiness,
     grouped_cv,
-    image_features,
     main,
     make_models,
     manifest_features,

@@ -9,6 +9,13 @@ folder give them; the manifest's patient_id wins over the DICOM tag. With ids, `
 ``<out stem>_series.csv`` hold each group's mean P(COVID), number of images and decision at the same threshold
 (a slice-level threshold applied to a mean: not calibrated for patients).
 
+Shift: when the model card holds a shift profile (``fl_covid.shift``), every image gets ``shift_score`` and
+``shift_flag`` (1 when the score exceeds 1: the image lies outside what the model's training site looks like, which
+about 5% of that site's own images do), each patient / series the fraction of its images flagged and a majority
+flag, and ``<out stem>_shift.json`` the summary: images flagged, the batch test of the inputs as a whole against
+the training images, and the AUC measured at unseen sites when the card has one. A console warning says when the
+inputs look shifted: the scores may then mean nothing.
+
 BN: ``site`` keeps the model's own BatchNorm statistics; ``adapt`` re-estimates them on the inputs (a hospital that
 did not train: unlabelled images of one source, a few dozen at least, are needed). ``--gradcam DIR`` writes a
 Grad-CAM map of the COVID logit per image. Research use only, not for diagnosis (see the model card).
@@ -23,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +40,8 @@ from fl_covid.config import ConfigError
 from fl_covid.data import CLASSES, DataError, Preprocessing, decode_image, eval_input, is_dicom, is_image_file
 from fl_covid.engine import predict, recalibrate_bn, select_device
 from fl_covid.experiments.gradcam import grad_cam, plot_grid
-from fl_covid.reporting import write_csv
+from fl_covid.reporting import write_csv, write_json
+from fl_covid.shift import ShiftCheck, check_shift, far_from_all, group_flags, image_columns, warning_text
 from fl_covid.site_model import load_site_model
 
 log = logging.getLogger(__name__)
@@ -122,11 +131,14 @@ def decode_inputs(files: list[Path], cache_size: int, prep: Preprocessing, skip_
 
 
 def aggregate(rows: list[dict], key: str, threshold: float) -> list[dict]:
-    """Mean P(COVID), number of images and decision per value of ``key`` (rows without one are left out)."""
+    """Mean P(COVID), number of images and decision per value of ``key`` (rows without one are left out); with
+    shift flags, the fraction of the group's images flagged and whether most are."""
     groups: dict[str, list[dict]] = {}
     for row in rows:
         if row.get(key):
             groups.setdefault(row[key], []).append(row)
+    shift = (group_flags([r.get(key, "") for r in rows], np.array([r["shift_flag"] for r in rows]))
+             if rows and "shift_flag" in rows[0] else {})
     out = []
     for value, members in sorted(groups.items()):
         mean = float(np.mean([r["prob_covid"] for r in members]))
@@ -135,6 +147,8 @@ def aggregate(rows: list[dict], key: str, threshold: float) -> list[dict]:
             entry["patient_id"] = ";".join(sorted({r.get("patient_id", "") for r in members} - {""}))
         out.append({**entry, "n_images": len(members), "mean_prob_covid": mean,
                     "prediction": CLASSES[int(mean >= threshold)]})
+        if value in shift:
+            out[-1] |= {"shift_fraction": shift[value][0], "shift_flag": int(shift[value][1])}
     return out
 
 
@@ -155,6 +169,25 @@ def write_gradcams(model: torch.nn.Module, images: torch.Tensor, paths: list[Pat
     return out
 
 
+def report_shift(out: Path, check: ShiftCheck, rows: list[dict], id_columns: list[str],
+                 unseen_auc: dict[str, Any]) -> Path:
+    """Write ``<out stem>_shift.json`` (the summary, groups flagged, the card's unseen-site AUC) and warn on the
+    console when the inputs look shifted; returns the JSON file."""
+    _, summary = far_from_all([check])
+    for key in id_columns:
+        groups = group_flags([r[key] for r in rows], np.array([r["shift_flag"] for r in rows]))
+        summary[f"{key.split('_')[0]}s"] = {"n": len(groups), "flagged": sum(f for _, f in groups.values())}
+    summary["unseen_site_auc"] = unseen_auc
+    file = out.with_name(f"{out.stem}_shift.json")
+    write_json(file, summary)
+    if text := warning_text(summary, unseen_auc):
+        log.warning("%s (details: %s)", text, file)
+    else:
+        log.info("shift check: %d of %d images flagged, the inputs as a whole %s (%s)", summary["flagged"],
+                 summary["images"], "not tested" if not check.batch["tested"] else "like the training images", file)
+    return file
+
+
 def run_predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path = "predictions.csv",
                 threshold: float | None = None, bn: str = "site", gradcam: str | Path | None = None,
                 skip_unreadable: bool = False, batch_size: int = 64, device: str = "auto",
@@ -173,6 +206,12 @@ def run_predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     paths, images, tags = decode_inputs(files, cfg.cache_size, cfg.preprocessing,
                                         skip_unreadable, show_progress=show_progress)
     dev = select_device(device)
+    check = None
+    if (profile := site_model.card.get("shift")) is not None:  # under the site's own BN, before any adaptation
+        check = check_shift(profile, site_model.card["site"], model, images, cfg.image_size, batch_size, dev)
+    else:
+        log.warning("the model card has no shift profile (a model trained on too few images, or written before "
+                    "cards had one): the inputs are not checked against the training images")
     if bn == "adapt":
         if len(images) < 2:
             raise ValueError("--bn adapt re-estimates BN statistics from the inputs and needs at least 2 images")
@@ -187,6 +226,9 @@ def run_predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | 
     id_columns = [c for c in ID_COLUMNS if any(r.get(c) for r in rows)]
     rows = [{k: v for k, v in r.items() if k not in ID_COLUMNS} | {c: r.get(c, "") for c in id_columns}
             for r in rows]
+    if check is not None:
+        for row, columns in zip(rows, image_columns(check.scores.score)):
+            row |= columns
     if gradcam:
         maps = write_gradcams(model, images, paths, probs, cfg.image_size, Path(gradcam), batch_size, dev,
                               show_progress)
@@ -202,6 +244,8 @@ def run_predict(model_dir: str | Path, inputs: Sequence[str | Path], out: str | 
             file = out.with_name(f"{out.stem}{suffix}.csv")
             write_csv(file, aggregate(rows, key, threshold))
             log.info("per-%s means -> %s", key.split("_")[0], file)
+    if check is not None:
+        report_shift(out, check, rows, id_columns, site_model.card.get("unseen_site_auc") or {})
     n_covid = sum(r["prediction"] == CLASSES[1] for r in rows)
     log.info("%d images scored (BN %s, threshold %.3f): %d COVID, %d NonCOVID", len(rows), bn, threshold, n_covid,
              len(rows) - n_covid)

@@ -10,7 +10,13 @@ image of the new site. The BN choice:
   site's unlabelled images (``fl_covid.engine.entropy_adapt_bn``, default 10 steps of 64 images);
 - ``site:NAME``: borrow training site NAME's BN.
 
-Leave-one-site-out: train on one site (``--set sites=A``) and evaluate on the other with this command.
+Leave-one-site-out: train on one site (``--set sites=A``) and evaluate on the other with this command; the AUC
+measured is added to each training site's model card (``unseen_site_auc``), where ``fl-covid-predict`` quotes it.
+
+Shift: every image is scored against each training site's shift profile (``fl_covid.shift``, under that site's own
+BN) and flagged when it is far from all of them; predictions.csv gets ``shift_score`` and ``shift_flag``,
+patients.csv the fraction of each patient's images flagged and a majority flag, final_metrics.json a ``shift``
+summary with the batch test of the site's images as a whole.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import csv
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,10 +34,12 @@ import torch
 from fl_covid.config import ConfigError, to_json
 from fl_covid.data import CLASSES, DataError, Site, load_site
 from fl_covid.engine import entropy_adapt_bn, evaluate, recalibrate_bn, select_device
-from fl_covid.experiments.trained import TrainedRun
+from fl_covid.experiments.trained import TrainedRun, site_model_dir
 from fl_covid.metrics import binary_metrics, roc_on_grid
 from fl_covid.model import COVIDNet
 from fl_covid.reporting import RunWriter, write_csv
+from fl_covid.shift import check_shift, far_from_all, group_flags, image_columns, warning_text
+from fl_covid.site_model import record_unseen_auc
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +106,10 @@ def _patient_ids(site: Site) -> list[str] | None:
     return out if any(out) else None
 
 
-def per_patient(site: Site, probs: np.ndarray) -> tuple[list[dict], dict[str, float] | None]:
-    """Mean P(COVID) per patient_id (rows) and patient-level metrics; ([], None) without patient ids.
+def per_patient(site: Site, probs: np.ndarray, flagged: np.ndarray | None = None,
+                ) -> tuple[list[dict], dict[str, float] | None]:
+    """Mean P(COVID) per patient_id (rows) and patient-level metrics; ([], None) without patient ids. With the
+    images' shift flags (N,), each row has the fraction of the patient's images flagged and whether most are.
 
     Images without an id are left out; a patient whose images carry both labels is listed but not scored.
     """
@@ -111,10 +122,13 @@ def per_patient(site: Site, probs: np.ndarray) -> tuple[list[dict], dict[str, fl
             groups.setdefault(pid, []).append(i)
     rows = []
     labels = site.labels.numpy()
+    shift = group_flags(ids, flagged) if flagged is not None else {}
     for pid, idx in sorted(groups.items()):
         y = set(labels[idx].tolist())
         rows.append({"patient_id": pid, "label": CLASSES[y.pop()] if len(y) == 1 else "mixed",
                      "n_images": len(idx), "mean_prob_covid": float(np.mean(probs[idx]))})
+        if pid in shift:
+            rows[-1] |= {"shift_fraction": shift[pid][0], "shift_flag": int(shift[pid][1])}
     scored = [r for r in rows if r["label"] != "mixed"]
     if len(scored) < len(rows):
         log.warning("site '%s': %d patients have images of both labels; not scored at patient level", site.name,
@@ -125,14 +139,30 @@ def per_patient(site: Site, probs: np.ndarray) -> tuple[list[dict], dict[str, fl
     return rows, binary_metrics(y, np.array([r["mean_prob_covid"] for r in scored]))
 
 
+def check_unseen(run: TrainedRun, site: Site, batch_size: int = 64,
+                 device: torch.device | str = "cpu") -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The new site's images against every training site's shift profile: per-image scores (N,) (the smallest
+    over the training sites) and the summary; None (logged) when a training site's card has no profile."""
+    checks = []
+    for name in run.config.sites:
+        site_model = run.site_model(name)
+        if (profile := site_model.card.get("shift")) is None:
+            log.warning("the model card of training site '%s' has no shift profile: images not checked for shift",
+                        name)
+            return None
+        checks.append(check_shift(profile, name, site_model.model, site.images, run.config.image_size, batch_size,
+                                  device))
+    return far_from_all(checks)
+
+
 def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | Path | None = None,
                     name: str | None = None, max_per_class: int = 0, batch_size: int = 64,
                     device: str = "auto") -> Path:
     """Evaluate run ``run_dir`` on every image of the site folder ``data``; returns the output folder.
 
-    Writes final_metrics.json (one site, plus ``patient_level`` when the manifest has patient ids),
+    Writes final_metrics.json (one site, plus ``patient_level`` when the manifest has patient ids, and ``shift``),
     predictions.csv, patients.csv (if patient ids) and roc.png into ``out``
-    (default ``RUN/unseen-<site>-<bn>``).
+    (default ``RUN/unseen-<site>-<bn>``), and adds the AUC to each training site's model card.
     """
     run = TrainedRun.load(run_dir)
     cfg = run.config
@@ -146,23 +176,33 @@ def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | P
                      exclude_label_conflicts=cfg.exclude_label_conflicts, skip_unreadable=cfg.skip_unreadable,
                      prep=cfg.preprocessing)
     dev = select_device(device)
+    shift_scores, shift = check_unseen(run, site, batch_size, dev) or (None, None)
     model = model_for_unseen(run, bn, site, batch_size, dev)
     metrics, probs = evaluate(model, site.images, site.labels, 0, cfg.image_size, dev)
     out = Path(out) if out else run.dir / f"unseen-{site_name}-{bn.replace(':', '-')}"
     out.mkdir(parents=True, exist_ok=True)
     writer = RunWriter(out, to_json(cfg))
     labels = site.labels.numpy()
-    write_csv(out / "predictions.csv", [{"path": p, "label": int(y), "prob_covid": float(q)}
-                                        for p, y, q in zip(site.paths, labels, probs)])
-    patients, patient_metrics = per_patient(site, probs)
+    rows = [{"path": p, "label": int(y), "prob_covid": float(q)} for p, y, q in zip(site.paths, labels, probs)]
+    if shift_scores is not None:
+        for row, columns in zip(rows, image_columns(shift_scores)):
+            row |= columns
+    write_csv(out / "predictions.csv", rows)
+    patients, patient_metrics = per_patient(site, probs, shift_scores > 1 if shift_scores is not None else None)
     if patients:
         write_csv(out / "patients.csv", patients)
+        if shift is not None:
+            shift["patients"] = {"n": len(patients), "flagged": sum(p["shift_flag"] for p in patients)}
     writer.finish(cfg.method, {site_name: metrics}, {site_name: roc_on_grid(labels, probs)},
                   protocol="unseen-site", trained_protocol=cfg.protocol, fold=cfg.fold, seed=cfg.seed,
                   bn=bn, trained_sites=list(cfg.sites), evaluated_run=str(run.dir), data=str(site.root),
-                  patient_level=patient_metrics)
+                  patient_level=patient_metrics, shift=shift)
     log.info("%s on unseen site %s (BN %s): AUC %.4f accuracy %.4f (n=%d)", cfg.method, site_name, bn,
              metrics["auc"], metrics["accuracy"], metrics["n"])
+    for trained in cfg.sites:
+        record_unseen_auc(site_model_dir(run.dir, trained), site_name, metrics, bn=bn, evaluation=str(out))
+    if shift is not None and (text := warning_text(shift)):
+        log.warning("%s", text)
     return out
 
 
