@@ -292,8 +292,11 @@ def train(msg: Message, context: Context) -> Message:
         shared, bn = R.unflatten(received.flat, runner.layout), received.bn
     start = LocalState.load(folder / SITE_STATE, server_round - 1)
     base = R.flatten(shared, runner.layout)
-    shared, stats, local = runner.train(shared, bn, start, float(instruction[R.LR]), server_round,
-                                        _received_bank(msg, config, runner))
+    algorithm = runner.algorithm
+    received = R.read_payload(msg.content.get(R.PAYLOAD), algorithm.server_sends, R.layout_size(runner.layout)) \
+        if algorithm.server_sends else {}
+    shared, stats, local, sent = runner.train(shared, bn, start, float(instruction[R.LR]), server_round,
+                                              _received_bank(msg, config, runner), received)
     trained = R.flatten(shared, runner.layout)
     if config.compression == "int8":  # the change training made, with last round's quantisation error added
         change = trained - base + (start.residual if start is not None and start.residual is not None else 0.0)
@@ -308,4 +311,6 @@ def train(msg: Message, context: Context) -> Message:
         R.WEIGHTS: weights,
         R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(runner.split.train), R.SITE_ID: runner.site_id, **stats}),
     })
+    if sent:  # what the method's algorithm sends besides the weights (fl_covid.algorithms)
+        content[R.PAYLOAD] = R.payload_record(sent)
     return Message(content=content, reply_to=msg)

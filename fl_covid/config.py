@@ -119,6 +119,7 @@ class Config:
     optimizer_state: str = "keep"
     # FedProx's proximal term weight (methods with a proximal term)
     proximal_mu: float = 0.01
+    sgd_lr: float = 0.01  # the local learning rate of methods whose algorithm trains with SGD (SCAFFOLD)
     # MS-Net (methods with auxiliary branches): softmax temperature and weight of the distillation of the site's
     # auxiliary branch into the universal head (the branches' own CE always has weight 1)
     msnet_temperature: float = 2.0
@@ -184,6 +185,7 @@ class Config:
         need(self.prototypes_per_class == 1 or self.dp_epsilon == 0, "prototypes-per-class",
              "must be 1 with dp-epsilon > 0 (the DP guarantee covers class means, not clusters)")
         need(self.proximal_mu >= 0, "proximal-mu", "must be >= 0")
+        need(self.sgd_lr > 0, "sgd-lr", "must be > 0")
         need(self.msnet_temperature > 0, "msnet-temperature", "must be > 0")
         need(self.msnet_weight >= 0, "msnet-weight", "must be >= 0 (0 = auxiliary branches without distillation)")
         need(self.server_lr >= 0, "server-lr", "must be >= 0 (0 = the server optimizer's usual value)")
@@ -395,7 +397,7 @@ FEDERATION_ONLY_KEYS = frozenset({
     "num-server-rounds", "local-steps", "min-sites", "round-timeout", "compression", "fedavg-weights",
     "max-update-norm", "site-nodes", "min-prototype-images", "prototypes-per-class", "prototype-weight",
     "prototype-every", "summary-images", "bn-recalibration", "eval-every", "optimizer-state", "proximal-mu",
-    "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta", "dp-clip"})
+    "sgd-lr", "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta", "dp-clip"})
 CENTRAL_ONLY_KEYS = frozenset({"epochs"})
 FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir",
                   "resume")

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from fl_covid.algorithms import Payload, algorithm_for
 from fl_covid.checkpoint import StateStore, optimizer_from_tensors, optimizer_to_tensors, tensor_digest
 from fl_covid.config import Config
 from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
+from fl_covid.layout import flatten, layout_size, unflatten
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import COVIDNet, bn_keys, build_model, load_partial, local_keys
 from fl_covid.objective import build_objective
@@ -44,10 +46,13 @@ class LocalState:
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     round: int = 0
     residual: np.ndarray | None = None  # compression=int8: the quantisation error carried into the next update
+    algorithm: dict[str, torch.Tensor] = field(default_factory=dict)  # what the method's algorithm keeps here
 
     def save(self, folder: Path, **meta: Any) -> None:
         """Persist atomically (with extra JSON ``meta``) so that a restarted site resumes with its own BN."""
         groups = {"bn": self.bn, "optimizer": self.optimizer}
+        if self.algorithm:
+            groups["algorithm"] = self.algorithm
         if self.residual is not None:
             groups["residual"] = {"flat": torch.from_numpy(np.asarray(self.residual, dtype=np.float32))}
         StateStore(folder).save(groups, {"round": self.round, **meta})
@@ -56,12 +61,13 @@ class LocalState:
     def load(folder: Path, max_round: int | None = None) -> LocalState | None:
         """The newest saved state, or the newest of a round <= ``max_round``: a site asked to train round r
         after the server resumed from an earlier checkpoint must not start from its own aborted round r."""
-        loaded = StateStore(folder).load(("bn", "optimizer", "residual"), max_round)
+        loaded = StateStore(folder).load(("bn", "optimizer", "residual", "algorithm"), max_round)
         if loaded is None:
             return None
         tensors, meta = loaded
         residual = tensors["residual"]["flat"].numpy() if "residual" in tensors else None
-        return LocalState(tensors.get("bn", {}), tensors.get("optimizer", {}), int(meta["round"]), residual)
+        return LocalState(tensors.get("bn", {}), tensors.get("optimizer", {}), int(meta["round"]), residual,
+                          tensors.get("algorithm", {}))
 
     def provenance(self) -> dict[str, Any]:
         """What a round started from, for the site's records: the round and a digest of the BN tensors."""
@@ -139,6 +145,7 @@ class SiteRunner:
         self.local_keys = set(self.model.state_dict()) - set(self.keys)
         state = self.model.state_dict()
         self.layout = tuple((k, tuple(state[k].shape)) for k in self.keys)  # transfer order of the shared weights
+        self.algorithm = algorithm_for(config, layout_size(self.layout))
         self.initial_local = self._local_part()  # a site's first round starts from these (the runner is reused)
 
     def _load(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None) -> None:
@@ -201,14 +208,17 @@ class SiteRunner:
         return Summary(metrics, roc, probs, prototypes, self._local_part(), val_probs)
 
     def train(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None, local: LocalState | None,
-              lr: float, server_round: int, bank: PrototypeBank | None
-              ) -> tuple[dict[str, torch.Tensor], dict[str, float], LocalState]:
+              lr: float, server_round: int, bank: PrototypeBank | None, received: Payload | None = None
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float], LocalState, Payload]:
         """One round of local training from the received weights with ``bn`` (the summary's BN, else the site's
-        own): returns (shared weights, metrics, new local state)."""
+        own) and what the method's algorithm received (``received``): returns (shared weights, metrics, new local
+        state, what the algorithm sends back)."""
         started = time.perf_counter()
-        cfg, spec = self.config, self.config.spec
+        cfg, spec, algorithm = self.config, self.config.spec, self.algorithm
+        received = received or {}
+        kept = local.algorithm if local is not None else {}
         self._load(shared, bn if bn is not None else (local.bn if local is not None else None))
-        optimizer = make_optimizer(self.model, lr)
+        optimizer = make_optimizer(self.model, lr, algorithm.local_optimizer)
         if local is not None and local.optimizer and cfg.optimizer_state == "keep":
             optimizer_from_tensors(optimizer, local.optimizer)
         set_lr(optimizer, lr)
@@ -221,12 +231,16 @@ class SiteRunner:
             return [Chunk(0, images[idx], labels[idx])]
 
         candidates = bank.candidates_for(self.site_id) if (spec.prototypes and bank is not None) else None
+        terms = algorithm.site_terms(received, kept, lambda flat: unflatten(flat, self.layout))
         stats = train_steps(
-            self.model, optimizer, next_batch, cfg.local_steps, build_objective(cfg, candidates, shared),
+            self.model, optimizer, next_batch, cfg.local_steps, build_objective(cfg, candidates, shared, terms),
             image_size=cfg.image_size, grad_clip=cfg.grad_clip, augment=cfg.augmentation, device=self.device,
             generator=torch.Generator().manual_seed(derive(cfg.seed, "augment", self.site_id, server_round)),
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round)
+        trained = {k: state[k] for k in self.keys}
+        sent, keep = algorithm.site_update(received, kept, flatten(shared, self.layout), flatten(trained, self.layout),
+                                           cfg.local_steps, lr)
+        new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round, algorithm=keep)
         stats["seconds"] = time.perf_counter() - started
-        return {k: state[k] for k in self.keys}, stats, new_local
+        return trained, stats, new_local, sent

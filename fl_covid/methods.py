@@ -28,6 +28,8 @@ class Method:
     2017) or "parallel" (Rebuffi et al. 2018); "none" for the plain backbone.
     ``auxiliary``: MS-Net's site-specific auxiliary branches, trained with CE, distilled into the universal head
     (weight ``msnet-weight``, temperature ``msnet-temperature``).
+    ``algorithm``: what the method adds to the round besides its loss terms: its local optimiser, payload both ways
+    and server state (``fl_covid.algorithms``; "none": the plain FedBN round).
     Adapters and auxiliary branches are kept per site like per-site BN: one copy per site in a pooled model,
     never shared in a federation.
     """
@@ -44,6 +46,7 @@ class Method:
     server_optimizer: str = "fedavg"
     adapter: str = "none"
     auxiliary: bool = False
+    algorithm: str = "none"
 
     @property
     def site_specific_layers(self) -> bool:
@@ -57,6 +60,8 @@ class Method:
             raise ValueError(f"method {self.name}: prototypes are only used by the contrastive term")
         if self.federated and (self.pooled or self.per_site_bn):
             raise ValueError(f"method {self.name}: pooled / per_site_bn describe centralized methods")
+        if self.algorithm != "none" and not self.federated:
+            raise ValueError(f"method {self.name}: an algorithm of the federated round needs a federated method")
         if self.adapter not in ADAPTERS:
             raise ValueError(f"method {self.name}: adapter must be one of {ADAPTERS}")
         if self.site_specific_layers and not self.federated and not (self.pooled and self.per_site_bn):
@@ -76,6 +81,10 @@ _ALL = (
     Method("fedadam", True, "FedAdam server optimizer with FedBN's local BN", server_optimizer="fedadam"),
     Method("fedyogi", True, "FedYogi server optimizer with FedBN's local BN", server_optimizer="fedyogi"),
     Method("fedavgm", True, "FedAvgM (server momentum) with FedBN's local BN", server_optimizer="fedavgm"),
+    Method("scaffold", True, "SCAFFOLD (control variates against client drift, local SGD at sgd-lr) with FedBN's "
+           "local BN", algorithm="scaffold"),
+    Method("fedbn-proto-scaffold", True, "FedBN + cross-site prototypes (ours) with SCAFFOLD's drift correction "
+           "(local SGD at sgd-lr)", prototypes=True, contrastive=True, algorithm="scaffold"),
     Method("single", False, "Single: one model per site, trained on that site alone"),
     Method("joint", False, "Joint: one model on the pooled sites, shared BN", pooled=True),
     Method("sepnorm", False, "SepNorm: one model on the pooled sites, one BN per site", pooled=True,

@@ -8,6 +8,7 @@ term adds its module to ``fl_covid.losses`` and one line here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +43,7 @@ class Objective:
     candidate_weight: float = 1.0
     msnet: MSNetLoss | None = None
     proximal: ProximalTerm | None = None
+    extra: tuple[Callable[[nn.Module, StepOutput], torch.Tensor], ...] = ()  # a method's own terms
 
     @property
     def needs_projections(self) -> bool:
@@ -68,14 +70,18 @@ class Objective:
             loss = loss + self.msnet(out.logits, out.aux_logits, out.labels)
         if self.proximal is not None:
             loss = loss + self.proximal(model)
+        for term in self.extra:
+            loss = loss + term(model, out)
         return loss, ce, con
 
 
 def build_objective(config: Config, candidates: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    reference: dict[str, torch.Tensor] | None = None) -> Objective:
+                    reference: dict[str, torch.Tensor] | None = None,
+                    extra: Sequence[Callable[[nn.Module, StepOutput], torch.Tensor]] = ()) -> Objective:
     """The objective of ``config.method``: NT-Xent for contrastive methods (``alpha`` > 0; ``candidates``: the
     other sites' prototypes, used when there are any), MS-Net's term for methods with auxiliary branches, FedProx's
-    term for proximal methods (``proximal-mu`` > 0; ``reference``: the shared weights the round started from)."""
+    term for proximal methods (``proximal-mu`` > 0; ``reference``: the shared weights the round started from), and
+    the terms of the method's algorithm (``extra``, ``fl_covid.algorithms``)."""
     spec = config.spec
     if spec.proximal and config.proximal_mu > 0 and reference is None:
         raise ValueError(f"method {config.method}: the proximal term needs the weights the round started from")
@@ -87,4 +93,5 @@ def build_objective(config: Config, candidates: tuple[torch.Tensor, torch.Tensor
         candidate_weight=config.prototype_weight,
         msnet=MSNetLoss(config.msnet_temperature, config.msnet_weight) if spec.auxiliary else None,
         proximal=ProximalTerm(config.proximal_mu, reference) if spec.proximal and config.proximal_mu > 0 else None,
+        extra=tuple(extra),
     )

@@ -21,11 +21,11 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from fl_covid.config import COMPRESSIONS
+from fl_covid.layout import Layout, flatten, layout_of, layout_size, unflatten  # noqa: F401 - records of this layout
 from fl_covid.metrics import METRIC_NAMES
 from fl_covid.prototypes import PrototypeBank
 
 NPY_HEADER_MAX = 4096  # bytes an .npy header may add to an array's data
-Layout = tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of every shared tensor, in transfer order
 
 # RecordDict keys of messages
 WEIGHTS = "arrays"  # ArrayRecord holding FLAT: shared weights (BN included under fedavg)
@@ -34,6 +34,7 @@ SCALES = "scales"  # int8 differences: one float32 scale per INT8_BLOCK values
 INT8_BLOCK = 16384
 PROTOTYPES = "prototypes"  # ArrayRecord: prototype bank (server -> site) or a site's prototypes (site -> server)
 CONFIG = "config"  # ConfigRecord: server-round, lr, run-name
+PAYLOAD = "algorithm"  # ArrayRecord: a method's own vectors over the shared layout (fl_covid.algorithms), both ways
 METRICS = "metrics"  # MetricRecord of a reply
 SIGNATURE = "signature"  # ConfigRecord: the Ed25519 signature of a deployment's message (fl_covid.trust)
 # ConfigRecord keys
@@ -61,41 +62,6 @@ SUMMARY_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID)  # + EVALUATION_METRICS when an 
 EVALUATION_METRICS = (*METRIC_NAMES, *VAL_METRICS, ROC_TPR)
 # prototype record keys
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
-
-
-def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
-    """The transfer layout of float tensors (name -> tensor, in the mapping's order)."""
-    for name, t in tensors.items():
-        if t.dtype != torch.float32:
-            raise ValueError(f"shared tensor {name} is {t.dtype}; only float32 tensors are shared")
-    return tuple((name, tuple(t.shape)) for name, t in tensors.items())
-
-
-def layout_size(layout: Layout) -> int:
-    return sum(int(np.prod(shape, dtype=np.int64)) for _, shape in layout)
-
-
-def flatten(tensors: Mapping[str, torch.Tensor], layout: Layout) -> np.ndarray:
-    """Shared tensors -> one float32 vector (N,) in ``layout`` order; KeyError / ValueError when they differ."""
-    parts = []
-    for name, shape in layout:
-        t = tensors[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(t.shape)}, the layout says {shape}")
-        parts.append(t.detach().cpu().reshape(-1).to(torch.float32))
-    return torch.cat(parts).numpy() if parts else np.zeros(0, np.float32)
-
-
-def unflatten(flat: np.ndarray, layout: Layout) -> dict[str, torch.Tensor]:
-    """Inverse of ``flatten``: (N,) -> name -> float32 tensor (writable copies)."""
-    if flat.shape != (layout_size(layout),):
-        raise ValueError(f"flat weights have shape {flat.shape}, the layout needs ({layout_size(layout)},)")
-    out, start = {}, 0
-    for name, shape in layout:
-        n = int(np.prod(shape, dtype=np.int64))
-        out[name] = torch.from_numpy(np.array(flat[start:start + n], dtype=np.float32)).reshape(shape)
-        start += n
-    return out
 
 
 def encode(flat: np.ndarray, compression: str) -> np.ndarray:
@@ -179,6 +145,23 @@ def as_received(flat: np.ndarray, compression: str) -> np.ndarray:
 def weights_digest(flat: np.ndarray) -> str:
     """SHA-256 of flat float32 weights (a train message names the summary's weights by it)."""
     return hashlib.sha256(np.ascontiguousarray(flat, dtype=np.float32).tobytes()).hexdigest()
+
+
+def payload_record(payload: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """A method's payload (name -> float32 (N,) over the shared layout) as the record that carries it."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in payload.items()})
+
+
+def read_payload(record: object, names: tuple[str, ...], size: int) -> dict[str, np.ndarray]:
+    """A received payload record -> name -> float32 (N,): exactly ``names``, each ``size`` finite float32 values,
+    judged from the metadata before decoding. ValueError naming the problem."""
+    if not isinstance(record, ArrayRecord) or set(record) != set(names):
+        keys = sorted(record)[:4] if isinstance(record, ArrayRecord) else type(record).__name__
+        raise ValueError(f"payload record must hold the arrays {sorted(names)}, got {keys}")
+    out = {n: checked_array(record, n, (size,), (np.dtype(np.float32),)) for n in names}
+    if not all(np.isfinite(v).all() for v in out.values()):
+        raise ValueError("payload record contains NaN or Inf")
+    return out
 
 
 def bank_to_record(bank: PrototypeBank) -> ArrayRecord:

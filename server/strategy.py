@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fl_covid import records as R
+from fl_covid.algorithms import algorithm_for
 from fl_covid.config import Config
 from fl_covid.engine import cosine_lr
 from fl_covid.metrics import ROC_POINTS
@@ -63,6 +64,7 @@ class SitesMixin:
         self.config, self.run_name = config, run_name
         self.size, self.proj_dim = size, proj_dim  # values in the flat shared weights; projection width
         self.bank = PrototypeBank.empty(proj_dim)
+        self.algorithm = algorithm_for(config, size)  # the method's own payload and server state
         self.signing = signing  # deployment: instructions signed, replies verified (server/signing.py)
         pins = signing.pins if signing is not None else config.pinned_nodes  # the trust file's pins win
         self.site_of_node: dict[int, int] = {node: site for site, node in pins.items()}
@@ -75,7 +77,9 @@ class SitesMixin:
         self.on_aggregated = on_aggregated or (lambda server_round, strategy: None)
 
     def lr_for(self, server_round: int) -> float:
-        return cosine_lr(self.config.lr, server_round - 1, self.config.num_server_rounds)
+        """The local learning rate of ``server_round``: cosine over the rounds from ``lr`` (Adam), or from
+        ``sgd-lr`` for an algorithm that trains with SGD."""
+        return cosine_lr(self.algorithm.base_lr, server_round - 1, self.config.num_server_rounds)
 
     def restore(self, bank: PrototypeBank, optimizer: dict[str, torch.Tensor]) -> None:
         """Continue from a checkpoint's prototype bank and server optimizer state (resume)."""
@@ -88,13 +92,16 @@ class SitesMixin:
                           if k.startswith("momentum_vector."))
         if momentum:  # FedAvgM: one array per array of the record, in order
             self.momentum_vector = [v for _, v in momentum]
+        self.algorithm.restore({k.split(".", 1)[1]: v for k, v in optimizer.items() if k.startswith("algorithm.")})
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
-        """The server optimizer's state Flower keeps in the strategy (saved with every checkpoint)."""
+        """The server optimizer's state Flower keeps in the strategy and the method's algorithm's state (saved with
+        every checkpoint)."""
         out = {f"{name}.{k}": torch.from_numpy(np.ascontiguousarray(v))
                for name in ("m_t", "v_t") for k, v in (getattr(self, name, None) or {}).items()}
         for i, v in enumerate(getattr(self, "momentum_vector", None) or []):
             out[f"momentum_vector.{i}"] = torch.from_numpy(np.ascontiguousarray(v))
+        out.update({f"algorithm.{k}": v for k, v in self.algorithm.state().items()})
         return out
 
     @property
@@ -118,16 +125,21 @@ class SitesMixin:
         return (self.config.prototypes_due(server_round) or self.config.compression == "int8"
                 or self.evaluation_due(server_round - 1))
 
-    def _finish_messages(self, messages: Iterable[Message], weights: ArrayRecord | None, bank: bool) -> list[Message]:
-        """Set the (encoded) weights or remove them, attach the prototype bank; the same content for every site."""
+    def _finish_messages(self, messages: Iterable[Message], weights: ArrayRecord | None, bank: bool,
+                         payload: dict[str, np.ndarray] | None = None) -> list[Message]:
+        """Set the (encoded) weights or remove them, attach the prototype bank and the method's own payload
+        (``fl_covid.algorithms``); the same content for every site, signed in a deployment."""
         messages = list(messages)
         record = R.bank_to_record(self.bank) if bank and len(self.bank.vectors) else None
+        extra = R.payload_record(payload) if payload else None
         for m in messages:
             m.content.pop(R.WEIGHTS, None)
             if weights is not None:
                 m.content[R.WEIGHTS] = weights
             if record is not None:
                 m.content[R.PROTOTYPES] = record
+            if extra is not None:
+                m.content[R.PAYLOAD] = extra
         if self.signing is not None:
             messages = self.signing.sign(messages)
         self.sent = messages
@@ -167,7 +179,8 @@ class SitesMixin:
                 R.as_received(flat, self.config.compression)
         self.sent_flat = self.held  # what every site trains from: the reference of replies and max-update-norm
         messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._finish_messages(messages, weights, bank=self.config.spec.prototypes)
+        return self._finish_messages(messages, weights, bank=self.config.spec.prototypes,
+                                     payload=self.algorithm.server_payload())
 
     # -- replies -------------------------------------------------------------------------------------------------
 
@@ -208,7 +221,8 @@ class SitesMixin:
             return f"site-id {site_id} belongs to another node", {}
         prototypes = not train and self.config.prototypes_due(server_round)
         allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set()) | (
-            {R.SIGNATURE} if self.signing is not None else set())
+            {R.SIGNATURE} if self.signing is not None else set()) | (
+            {R.PAYLOAD} if train and self.algorithm.site_sends else set())
         if unexpected := set(content.keys()) - allowed:
             return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
         expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
@@ -232,7 +246,13 @@ class SitesMixin:
                 return str(e), {}
             if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
                 return reason, {}
-            return None, {"weights": flat}
+            if not self.algorithm.site_sends:
+                return None, {"weights": flat}
+            try:
+                payload = R.read_payload(content.get(R.PAYLOAD), self.algorithm.site_sends, self.size)
+            except ValueError as e:
+                return str(e), {}
+            return None, {"weights": flat, "payload": payload}
         if not prototypes:
             return None, {}
         if R.PROTOTYPES not in content:
@@ -300,6 +320,9 @@ class SitesMixin:
             self.on_row("train", self._row(server_round, metrics))
             metrics[R.WEIGHT] = self._weight(int(metrics[R.SITE_ID]))
             msg.content[R.WEIGHTS] = R.weights_record(decoded["weights"])  # float32, whatever the transfer
+            msg.content.pop(R.PAYLOAD, None)  # Flower averages every array record: the algorithm takes its own
+        if self.algorithm.site_sends:
+            self.algorithm.server_update({int(m.content[R.METRICS][R.SITE_ID]): d["payload"] for m, d in good})
         result = super().aggregate_train(server_round, [m for m, _ in good])  # type: ignore[misc]
         self.on_aggregated(server_round, self)
         return result

@@ -19,7 +19,10 @@ from fl_covid.federated import shared_keys
 from fl_covid.model import bn_keys, create_model
 from tests.inprocess import Delivery, RecordingGrid, shared_run, wire
 
-METHODS = ("fedavg", "fedbn", "fedbn-proto")
+METHODS = ("fedavg", "fedbn", "fedbn-proto", "fedbn-proto-scaffold")
+WITH_PROTOTYPES = {"fedbn-proto", "fedbn-proto-scaffold"}
+# besides the weights, a training reply may carry these vectors of the shared size (the method's algorithm)
+PAYLOADS = {"fedbn-proto-scaffold": {"control-delta"}}
 # The whitelist, written out here on purpose (not imported from the code under audit).
 TRAIN_METRICS = {"num-examples", "site-id", "loss", "ce", "con", "train_accuracy", "seconds"}
 _SCORES = ("accuracy", "f1", "sensitivity", "precision", "specificity", "auc")
@@ -66,7 +69,8 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
     final = bool(d.message.content["config"]["final"]) if not train else False
     evaluated = not train and bool(d.message.content["config"]["evaluate"])
     records = {"metrics"} | ({"arrays"} if train else set()) | (
-        {"prototypes"} if not train and method == "fedbn-proto" and not final else set())
+        {"prototypes"} if not train and method in WITH_PROTOTYPES and not final else set()) | (
+        {"algorithm"} if train and method in PAYLOADS else set())
     assert set(content.keys()) == records
     assert isinstance(content["metrics"], MetricRecord) and not content.config_records
 
@@ -84,6 +88,14 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
             local = [t.numpy().ravel() for bn in local_bn for t in bn.values() if t.numel() > 1]
             assert local, "the site holds no BN state"
             assert not any(holds(flat, b) for b in local)
+        if method in PAYLOADS:  # vectors over the shared values only, with no BN of this site inside
+            payload = {k: v.numpy() for k, v in content["algorithm"].items()}
+            assert set(payload) == PAYLOADS[method]
+            assert all(v.dtype == np.float32 and v.shape == flat.shape for v in payload.values())
+            # (a fresh BN's constant bias matches any run of zeros: unchanged weights give those; only BN tensors
+            # that carry something of the site count)
+            informative = [b for b in local if len(np.unique(b)) > 1]
+            assert informative and not any(holds(v, b) for v in payload.values() for b in informative)
     if "prototypes" in content:
         protos = {k: v.numpy() for k, v in content["prototypes"].items()}
         assert set(protos) == set(PROTOTYPE_ARRAYS)
@@ -115,7 +127,7 @@ def test_only_weights_counts_prototypes_and_aggregates_leave_a_site(method: str)
     sizes, config = site_sizes(grid), federated_config(grid.run_config)
     # a summary starts every round that needs prototypes or evaluates the round before, and ends the run: without
     # prototypes round 1 needs none
-    summaries = 3 if method == "fedbn-proto" else 2
+    summaries = 3 if method in WITH_PROTOTYPES else 2
     assert len(grid.deliveries) == 2 * (2 + summaries)  # 2 sites x (2 trainings + the summaries)
     assert all(not d.reply.has_error() for d in grid.deliveries)
     for i, d in enumerate(grid.deliveries):
