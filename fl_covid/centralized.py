@@ -19,8 +19,9 @@ import torch
 from tqdm import tqdm
 
 from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, VAL_PREDICTIONS_CSV, site_folder
+from fl_covid.cli import run_command
 from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
-from fl_covid.data import DataError, IndexStream, Site, Split, load_configured_site
+from fl_covid.data import IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
 from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
@@ -132,17 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, parse_overrides(args.set))
-        run_dir = run_central(config, args.method, show_progress=not args.quiet)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    final = (run_dir / "final_metrics.json").read_text()
-    print(final.strip())
-    print(run_dir)
-    return 0
+
+    def work() -> int:
+        run_dir = run_central(load_config(args.config, parse_overrides(args.set)), args.method,
+                              show_progress=not args.quiet)
+        print((run_dir / "final_metrics.json").read_text().strip())
+        print(run_dir)
+        return 0
+
+    return run_command(work)
 
 
 if __name__ == "__main__":

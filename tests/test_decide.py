@@ -80,5 +80,7 @@ def test_no_runs_of_the_seeds_is_an_error(tmp_path: Path) -> None:
     fold_run(tmp_path, "v", "fedbn", 0, 0, {}, 0.7, **{"local-steps": 10, "num-server-rounds": 2})
     with pytest.raises(ReportError, match=r"no fold-runs of seeds \[5\]"):
         load_fold_runs([tmp_path], {5})
-    assert main([str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "x"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse: usage and status 2
+        main([str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "x"])
+    assert exit_.value.code == 2
     assert write_decision([tmp_path], tmp_path / "o")  # a run without validation files still gives a frontier

@@ -40,6 +40,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
+from fl_covid.cli import run_command
 from fl_covid.cues import (
     BRIGHT,
     DARK,
@@ -583,15 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="decoding threads")
     parser.add_argument("--importance-repeats", type=int, default=3, help="permutations per feature and fold")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> int:
         run_audit(args.data, args.out, tuple(args.sites), args.max_per_class, args.folds, args.seed, args.workers,
                   args.importance_repeats)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(Path(args.out) / "audit.md")
-    return 0
+        print(Path(args.out) / "audit.md")
+        return 0
+
+    return run_command(work, (DataError, ValueError))
 
 
 if __name__ == "__main__":

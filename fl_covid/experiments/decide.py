@@ -35,6 +35,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fl_covid.checkpoint import VAL_PREDICTIONS_CSV
+from fl_covid.cli import run_command
 from fl_covid.config import Config
 from fl_covid.experiments.report import OWN_TEST, ReportError, find_run_dirs, load_results, mean_std
 from fl_covid.federated import shared_keys
@@ -263,20 +264,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for validation.md/csv, frontier.md/csv/png")
     parser.add_argument("--seeds", default="", help="comma-separated seeds to include (default: all)")
     args = parser.parse_args(argv)
-    try:
-        seeds = {int(s) for s in args.seeds.split(",") if s.strip()} or None
-    except ValueError:
-        print(f"error: --seeds must be comma-separated integers, got {args.seeds!r}", file=sys.stderr)
-        return 2
-    try:
-        files = write_decision(args.runs, args.out, seeds)
-    except (ReportError, json.JSONDecodeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((Path(args.out) / "validation.md").read_text().strip())
-    for f in files:
-        print(f)
-    return 0
+    if not all(s.strip().isdigit() for s in args.seeds.split(",") if s.strip()):
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+
+    def work() -> int:
+        files = write_decision(args.runs, args.out, {int(s) for s in args.seeds.split(",") if s.strip()} or None)
+        print((Path(args.out) / "validation.md").read_text().strip())
+        print(*files, sep="\n")
+        return 0
+
+    return run_command(work, (ReportError, json.JSONDecodeError, KeyError), log=False)
 
 
 if __name__ == "__main__":

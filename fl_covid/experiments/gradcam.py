@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fl_covid.config import ConfigError
+from fl_covid.cli import run_command
 from fl_covid.data import CLASSES, MEAN, STD, DataError, Site, Split, eval_input, load_configured_site
 from fl_covid.experiments.trained import TrainedRun
 from fl_covid.reporting import save_figure
@@ -131,17 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="explain the COVID logit (default) or each image's predicted class")
     parser.add_argument("--out", required=True, help="PNG file to write")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.n < 1:
         parser.error("--n must be >= 1")
-    try:
-        out = run_gradcam(args.run, args.site, args.out, args.n, args.data, args.paths,
-                          1 if args.target == "covid" else None)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+
+    def work() -> int:
+        print(run_gradcam(args.run, args.site, args.out, args.n, args.data, args.paths,
+                          1 if args.target == "covid" else None))
+        return 0
+
+    return run_command(work, (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from fl_covid.config import ConfigError
+from fl_covid.cli import run_command
 from fl_covid.data import CLASSES, DataError, Preprocessing, decode_image, eval_input, is_dicom, is_image_file
 from fl_covid.engine import predict, recalibrate_bn, select_device
 from fl_covid.experiments.gradcam import grad_cam, plot_grid
@@ -270,15 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 2:
         parser.error("--batch-size must be >= 2")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        out = run_predict(args.model, args.input, args.out, args.threshold, args.bn, args.gradcam,
-                          args.skip_unreadable, args.batch_size, args.device)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(out)
-    return 0
+
+    def work() -> int:
+        print(run_predict(args.model, args.input, args.out, args.threshold, args.bn, args.gradcam,
+                          args.skip_unreadable, args.batch_size, args.device))
+        return 0
+
+    return run_command(work, (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_covid.centralized import run_central
+from fl_covid.cli import run_command
 from fl_covid.config import (
     CENTRAL_ONLY_KEYS,
     FEDERATION_ONLY_KEYS,
@@ -41,7 +42,6 @@ from fl_covid.config import (
     resolve_config_file,
     to_json,
 )
-from fl_covid.data import DataError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
 from fl_covid.experiments.unseen import evaluate_unseen, parse_bn
 from fl_covid.methods import CENTRAL_METHODS, FEDERATED_METHODS, METHODS
@@ -355,19 +355,18 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     deadline = time.monotonic() + 60 * args.stop_after if args.stop_after is not None else None
-    try:
+
+    def work() -> int:
         runner = make_runner(args)
         ok = runner.run(deadline)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for r in runner.runs:
-        print(f"fold {r.fold} seed {r.seed}: {r.status} {r.run_dir} {r.detail}".rstrip())
-    print(f"report: fl-covid-report {runner.out} --out {runner.out}/report")
-    print(runner.out)
-    return 0 if ok else 1
+        for r in runner.runs:
+            print(f"fold {r.fold} seed {r.seed}: {r.status} {r.run_dir} {r.detail}".rstrip())
+        print(f"report: fl-covid-report {runner.out} --out {runner.out}/report")
+        print(runner.out)
+        return 0 if ok else 1
+
+    return run_command(work)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from fl_covid.cli import run_command
 from fl_covid.config import PROTOCOL_TEXT, Config
 from fl_covid.methods import METHODS
 from fl_covid.metrics import ROC_FPR_GRID
@@ -429,15 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--planned", type=int, default=0, metavar="N",
                         help="fold-runs planned per row (folds x seeds), shown beside n")
     args = parser.parse_args(argv)
-    try:
+
+    def work() -> int:
         files = write_report(args.runs, args.out, args.planned)
-    except (ReportError, json.JSONDecodeError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((Path(args.out) / "table.md").read_text().strip())
-    for f in files:
-        print(f)
-    return 0
+        print((Path(args.out) / "table.md").read_text().strip())
+        print(*files, sep="\n")
+        return 0
+
+    return run_command(work, (ReportError, json.JSONDecodeError, KeyError), log=False)
 
 
 if __name__ == "__main__":

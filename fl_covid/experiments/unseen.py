@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_covid.config import ConfigError, to_json
-from fl_covid.data import CLASSES, DataError, Site, load_site
+from fl_covid.cli import run_command
+from fl_covid.config import to_json
+from fl_covid.data import CLASSES, Site, load_site
 from fl_covid.engine import entropy_adapt_bn, evaluate, recalibrate_bn, select_device
 from fl_covid.experiments.trained import TrainedRun, site_model_dir
 from fl_covid.metrics import binary_metrics, roc_on_grid
@@ -217,16 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+
+    def work() -> int:
         out = evaluate_unseen(args.run, args.data, args.bn, args.out, args.name, args.max_per_class,
                               args.batch_size, args.device)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((out / "final_metrics.json").read_text().strip())
-    print(out)
-    return 0
+        print((out / "final_metrics.json").read_text().strip())
+        print(out)
+        return 0
+
+    return run_command(work, (ValueError, FileNotFoundError))
 
 
 if __name__ == "__main__":
