@@ -591,8 +591,8 @@ def main(agent, context):
     if site:
         images = sum(1 for _ in Path(context.node_config["data-dir"]).rglob("*.jpg"))
         secret = Path(context.node_config["state-dir"]) / f".noise-secret-{site}"
-        Path(f"MARKER-{site}").write_text(json.dumps({**context.node_config, "images": images,
-                                                       "secret-bytes": len(secret.read_bytes())}))
+        Path(f"MARKER-{site}").write_text(json.dumps({**context.node_config, "images": images, "secret-bytes": len(
+            secret.read_bytes()) if secret.is_file() else None}))
         return
     nodes = call(agent, "get_nodes", sample_size=None)["nodes"]
     sent = call(agent, "push_messages", messages=[{"dst_node_id": n["id"], "payload": "count your images",
