@@ -86,7 +86,7 @@ def table(results: dict[str, Any]) -> str:
     for method, per in results.get("bytes", {}).items():
         for compression, v in per.items():
             row(f"bytes/round/site {method} {compression} (down / up)",
-                f"{v['server_to_site']:,} / {v['site_to_server']:,}")
+                f"refused: {v['refused']}" if "refused" in v else f"{v['server_to_site']:,} / {v['site_to_server']:,}")
     if "bytes_ratio_by_compression" in results:
         row("fedbn-proto vs fedavg-fp32 bytes", results["bytes_ratio_by_compression"])
     for k, v in results.get("scaling", {}).items():

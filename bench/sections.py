@@ -33,6 +33,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from bench import processes
 from bench.bare import bare_throughput, site_loop, summary_seconds, timed
 from fl_covid import records as R
+from fl_covid.algorithms import ALGORITHMS
 from fl_covid.centralized import run_central
 from fl_covid.checkpoint import ServerState, optimizer_to_tensors
 from fl_covid.config import COMPRESSIONS, Config, federated_config, load_config
@@ -316,7 +317,8 @@ def round_bytes(config: Config, num_sites: int) -> dict[str, Any]:
     serialised Flower messages (protobuf, without gRPC framing). The server's messages come from the real strategy
     (configure_evaluate / configure_train: the summary message when the round has one, the train message with the
     digest or with the weights); the replies are built with the record functions the ClientApp uses (prototypes,
-    evaluation metrics with the ROC, trained weights or their int8 difference with its scales)."""
+    evaluation metrics with the ROC, trained weights or their int8 difference with its scales, the method's own
+    vectors)."""
     _as_server()
     initial, proj_dim = initial_shared(config)
     layout = R.layout_of(initial)
@@ -346,10 +348,12 @@ def round_bytes(config: Config, num_sites: int) -> dict[str, Any]:
     trained = flat + rng.normal(0, 1e-3, len(flat)).astype(np.float32)
     weights = (R.difference_record(*R.quantize(trained - flat)) if config.compression == "int8"
                else R.weights_record(trained, config.compression))
-    replies["train_reply"] = Message(RecordDict({
+    content = RecordDict({
         R.WEIGHTS: weights,
-        R.METRICS: MetricRecord({R.NUM_EXAMPLES: 500, R.SITE_ID: 0, **{k: 0.5 for k in R.TRAIN_METRICS}})}),
-        reply_to=sent["train"])
+        R.METRICS: MetricRecord({R.NUM_EXAMPLES: 500, R.SITE_ID: 0, **{k: 0.5 for k in R.TRAIN_METRICS}})})
+    if sends := strategy.algorithm.site_sends:  # the method's own vectors (SCAFFOLD's control change)
+        content[R.PAYLOAD] = R.payload_record({n: rng.normal(0, 1e-3, len(flat)).astype(np.float32) for n in sends})
+    replies["train_reply"] = Message(content, reply_to=sent["train"])
     down = {k: message_to_proto(sent[k]).ByteSize() for k in ("summary", "train") if k in sent}
     up = {k: message_to_proto(m).ByteSize() for k, m in replies.items()}
     return {"server_to_site": sum(down.values()), "site_to_server": sum(up.values()),
@@ -358,10 +362,16 @@ def round_bytes(config: Config, num_sites: int) -> dict[str, Any]:
 
 
 def bytes_per_round(b: Bench) -> dict[str, Any]:
-    """Bytes per site and steady round, per direction, for every federated method and compression."""
+    """Bytes per site and steady round, per direction, for every federated method and compression (a combination
+    the method's algorithm refuses is recorded with its reason)."""
     sites = len(b.config.sites)
-    return {m: {c: round_bytes(b.config.replace(method=m, compression=c), sites) for c in COMPRESSIONS}
-            for m in FEDERATED_METHODS}
+    out: dict[str, Any] = {}
+    for m in FEDERATED_METHODS:
+        for c in COMPRESSIONS:
+            config = b.config.replace(method=m, compression=c)
+            refused = ALGORITHMS[config.spec.algorithm].violations(config)
+            out.setdefault(m, {})[c] = {"refused": refused[0]} if refused else round_bytes(config, sites)
+    return out
 
 
 # ---------------------------------------------------------------- more sites, accuracy, Ray cluster
