@@ -31,7 +31,6 @@ class Algorithm:
     local_optimizer = "adam"  # "adam" (lr config key lr) or "sgd" (lr config key sgd-lr)
     site_sends: tuple[str, ...] = ()  # payload names of a site's training reply
     server_sends: tuple[str, ...] = ()  # payload names of every train message
-    local_keys: tuple[str, ...] = ()  # tensors a site keeps in its local state between rounds
 
     def __init__(self, config: Config, size: int) -> None:
         """``size``: values in the shared weights' layout."""

@@ -54,7 +54,6 @@ class Scaffold(Algorithm):
     local_optimizer = "sgd"
     site_sends = (DELTA,)
     server_sends = (CONTROL,)
-    local_keys = (OWN,)
 
     def __init__(self, config: Config, size: int) -> None:
         super().__init__(config, size)
