@@ -71,6 +71,9 @@ class Config:
     cue_augment: float = 0.0
     style_augment: float = 0.0
     spectrum_band: float = 0.1
+    # cue-adversarial training: weight of the reversed gradient of a site-local head regressing each training
+    # image's cue statistics (fl_covid.cues.batch_cues) from its embedding (0 = off; the head never leaves a site)
+    cue_adversarial: float = 0.0
     # model and loss
     arch: str = "redesigned"
     width: float = 0.25
@@ -156,6 +159,7 @@ class Config:
         need(abs(self.dicom_window_level) < float("inf"), "dicom-window-level", "must be a finite number of HU")
         need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
         need(0.0 <= self.style_augment <= 1.0, "style-augment", "must be in [0, 1] (0 = off)")
+        need(self.cue_adversarial >= 0, "cue-adversarial", "must be >= 0 (0 = off)")
         need(0.0 < self.spectrum_band <= 0.5, "spectrum-band", "must be in (0, 0.5] cycles per pixel")
         need(self.arch in ("redesigned", "covidnet"), "arch", "must be 'redesigned' or 'covidnet'")
         need(self.width > 0, "width", "must be > 0")

@@ -128,3 +128,29 @@ def image_statistics(images: torch.Tensor, features: tuple[str, ...] = PIXEL_FEA
         stats = image_features(image[0])
         out[i] = [stats[f] for f in features]
     return out
+
+
+CUE_TARGETS = ("mean", "std", "p05", "p50", "p95", "border_mean", "centre_mean", "border_minus_centre", "black",
+               "white")
+
+
+def batch_cues(crops: torch.Tensor) -> torch.Tensor:
+    """The CUE_TARGETS statistics of a batch of training crops, as the network sees them: uint8 (B, 1, S, S) ->
+    float32 (B, len(CUE_TARGETS)), grey levels in [0, 1] (fractions for black / white).
+
+    The torch counterpart of ``image_features`` for the cues the audit found most predictive (intensity histogram,
+    border against centre, padding), cheap enough for every training step; frame and centre as there."""
+    if crops.ndim != 4 or crops.shape[1] != 1 or crops.dtype != torch.uint8:
+        raise ValueError(f"batch_cues needs uint8 (B, 1, S, S) crops, got {crops.dtype} {tuple(crops.shape)}")
+    _, _, h, w = crops.shape
+    x = crops[:, 0].float() / 255.0  # (B, S, S)
+    flat = x.flatten(1)
+    bh, bw = max(1, round(FRAME * h)), max(1, round(FRAME * w))
+    frame = torch.ones(h, w, dtype=torch.bool, device=crops.device)
+    frame[bh:h - bh, bw:w - bw] = False
+    border = x[:, frame].mean(1)
+    centre = x[:, h // 4:h - h // 4, w // 4:w - w // 4].flatten(1).mean(1)
+    pct = torch.quantile(flat, torch.tensor([0.05, 0.5, 0.95], device=crops.device), dim=1)  # (3, B)
+    return torch.stack([flat.mean(1), flat.std(1, correction=0), pct[0], pct[1], pct[2], border, centre, border - centre,
+                        (crops[:, 0] == 0).flatten(1).float().mean(1),
+                        (crops[:, 0] == 255).flatten(1).float().mean(1)], dim=1)

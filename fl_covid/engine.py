@@ -99,8 +99,8 @@ def train_steps(
     """Run ``steps`` optimisation steps of ``objective`` (``fl_covid.objective.build_objective``); returns the mean
     loss, ce and con (the contrastive term before its weight) and the train accuracy over them.
 
-    Each step's chunks go through the model with their own BN; the projections and MS-Net's auxiliary logits are
-    computed when the objective asks for them. ``lr_at(step)`` sets the learning rate per step. ``augment``
+    Each step's chunks go through the model with their own BN; the projections, MS-Net's auxiliary logits and the
+    cue head's predictions (with each chunk's cue statistics) are computed when the objective asks for them. ``lr_at(step)`` sets the learning rate per step. ``augment``
     (``Config.augmentation``) changes the uint8 crops further, with random numbers from ``generator``.
     ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
     crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
@@ -111,6 +111,8 @@ def train_steps(
     amp = use_cuda if amp is None else amp
     if objective.needs_auxiliary and getattr(model, "auxiliary", None) is None:
         raise ValueError("the objective has MS-Net's term but the model has no auxiliary branches")
+    if objective.needs_cues and getattr(model, "cue_head", None) is None:
+        raise ValueError("the objective has the cue-adversarial term but the model has no cue head")
     objective = objective.to(device)
     model.to(device).train()
     if use_cuda:
@@ -123,12 +125,13 @@ def train_steps(
             set_lr(optimizer, lr_at(step))
         chunks = next_batch()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, projections, labels, aux_logits = [], [], [], []
+            logits, projections, labels, aux_logits, cue_predictions, cue_targets = [], [], [], [], [], []
             for c in chunks:
                 crops = random_crops(c.images, image_size, generator)
                 if augment is not None:  # against dataset-specific cues (fl_covid.preprocess.Augmentation)
                     crops = augment(crops, generator)
-                x = to_input(to_device(crops, device))
+                crops = to_device(crops, device)
+                x = to_input(crops)
                 if use_cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if objective.needs_auxiliary:
@@ -139,11 +142,16 @@ def train_steps(
                 logits.append(model.forward_head(features, c.site))
                 if objective.needs_projections:
                     projections.append(model.project(features, c.site))
+                if objective.needs_cues:
+                    cue_targets.append(objective.cue_adversarial.targets(crops))
+                    cue_predictions.append(model.predict_cues(objective.cue_adversarial.reverse(features), c.site))
                 labels.append(to_device(c.labels, device))
         # the losses in float32, outside autocast: similarities / temperature need more than bf16's 8 bits
         out = StepOutput(torch.cat(logits).float(), torch.cat(labels),
                          torch.cat(projections).float() if projections else None,
-                         torch.cat(aux_logits).float() if aux_logits else None)
+                         torch.cat(aux_logits).float() if aux_logits else None,
+                         torch.cat(cue_predictions).float() if cue_predictions else None,
+                         torch.cat(cue_targets) if cue_targets else None)
         loss, ce, con = objective(model, out)
         nonfinite |= ~torch.isfinite(loss.detach())
         if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:

@@ -1,5 +1,6 @@
 """The loss terms a step can add to CE, one module each: the supervised NT-Xent contrastive loss (paper eq. 2;
-SPEC section 3) with optional extra candidates, MS-Net's auxiliary CE and distillation, FedProx's proximal term.
+SPEC section 3) with optional extra candidates, MS-Net's auxiliary CE and distillation, FedProx's proximal term,
+the cue-adversarial regression through a gradient reversal.
 
 For every ordered pair (a, p) of anchors with the same label, the loss is
 ``-log(exp(s_ap / tau) / (exp(s_ap / tau) + sum_n exp(s_an / tau)))`` over the negatives n of a (different
@@ -13,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fl_covid.cues import batch_cues
 
 
 class NTXentLoss(nn.Module):
@@ -114,3 +117,46 @@ class ProximalTerm(nn.Module):
         if not pairs:
             return torch.zeros((), device=next(model.parameters()).device)
         return 0.5 * self.mu * sum(((p - r) ** 2).sum() for p, r in pairs)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -scale (Ganin & Lempitsky, ICML 2015)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN001 (autograd's context)
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return -ctx.scale * grad, None
+
+
+class CueAdversarialLoss(nn.Module):
+    """Cue-adversarial term: the mean squared error of a site-local head's prediction of each image's cue
+    statistics (``fl_covid.cues.batch_cues``, standardised over the site's chunk of the step) from its embedding.
+
+    The head reads the embedding through a gradient reversal (``reverse``): the head learns to predict the cues
+    with the full gradient of this term, the network below the embedding gets ``-weight`` times it, so it learns
+    to leave out what tells border brightness, grey-level percentiles and contrast apart."""
+
+    def __init__(self, weight: float) -> None:
+        super().__init__()
+        if not weight > 0:
+            raise ValueError(f"cue-adversarial weight must be > 0, got {weight}")
+        self.weight = weight
+
+    def reverse(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, E) unchanged, with the gradient reaching them reversed and scaled by ``weight``."""
+        return _ReverseGradient.apply(features, self.weight)
+
+    @staticmethod
+    def targets(crops: torch.Tensor) -> torch.Tensor:
+        """uint8 crops (b, 1, S, S) of one site -> standardised cue statistics (b, K) float32: each statistic minus
+        its mean over the chunk, over its std (a statistic constant in the chunk is 0)."""
+        cues = batch_cues(crops)
+        return (cues - cues.mean(0)) / cues.std(0, correction=0).clamp_min(1e-6)
+
+    def forward(self, predictions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """predictions, targets: (B, K) -> 0-d mean squared error."""
+        return F.mse_loss(predictions, targets)

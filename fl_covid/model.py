@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fl_covid.cues import CUE_TARGETS
 from fl_covid.methods import ADAPTERS
 
 if TYPE_CHECKING:
@@ -126,6 +127,21 @@ class AuxiliaryBranch(PerSite):
         self.site = 0
 
 
+class CueHead(PerSite):
+    """Per site, a small regressor of an image's cue statistics (``fl_covid.cues.batch_cues``) from its embedding:
+    (B, embed_dim) -> (B, num_cues). Trained through a gradient reversal (``fl_covid.losses.CueAdversarialLoss``)
+    so that the embedding stops carrying the cues; site-specific (never leaves a site), not used at evaluation."""
+
+    SITES = "heads"
+
+    def __init__(self, embed_dim: int, num_cues: int, num_sites: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(
+            nn.Sequential(nn.Linear(embed_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_cues))
+            for _ in range(num_sites))
+        self.site = 0
+
+
 class PEPX(nn.Module):
     """Projection-expansion-projection-extension block: five convolutions, no BN, no activation inside.
 
@@ -158,7 +174,8 @@ class COVIDNet(nn.Module):
     and the depthwise 3x3 convolution of every PEPX block (16 blocks; a depthwise 1x1 of its channels). The
     upper-branch and the PEPX 1x1 convolutions and the heads are not adapted. Zero-initialised: at construction
     the network computes the plain backbone's function. ``auxiliary``: MS-Net's per-site auxiliary branches on
-    the stage-3 output (``AuxiliaryBranch``, read by ``forward_features_and_auxiliary``).
+    the stage-3 output (``AuxiliaryBranch``, read by ``forward_features_and_auxiliary``). ``num_cues`` > 0: a
+    per-site ``CueHead`` on the embedding (read by ``predict_cues``).
     """
 
     def __init__(
@@ -171,6 +188,7 @@ class COVIDNet(nn.Module):
         image_size: int = 224,
         adapter: str = "none",
         auxiliary: bool = False,
+        num_cues: int = 0,
     ) -> None:
         super().__init__()
         if width <= 0:
@@ -218,6 +236,7 @@ class COVIDNet(nn.Module):
         self.last_stage = nn.Identity()  # hook point: the last stage's output (B, C, h, w), e.g. for Grad-CAM
         # built last, so that the backbone's weights are the same with and without it for the same seed
         self.auxiliary = AuxiliaryBranch(stage_c[AUX_STAGE], num_sites, num_classes) if auxiliary else None
+        self.cue_head = CueHead(self.embed_dim, num_cues, num_sites) if num_cues > 0 else None
 
     def select_site(self, site: int) -> None:
         """Route every per-site module (BN, adapter, auxiliary branch) to ``site`` for the following passes."""
@@ -270,6 +289,13 @@ class COVIDNet(nn.Module):
         self.select_site(site)
         return F.normalize(self.projector(features), dim=1)
 
+    def predict_cues(self, features: torch.Tensor, site: int = 0) -> torch.Tensor:
+        """features: (B, embed_dim) -> ``site``'s prediction of the images' cue statistics (B, num_cues)."""
+        if self.cue_head is None:
+            raise ValueError("this model has no cue head; build it with num_cues > 0 (config key cue-adversarial)")
+        self.select_site(site)
+        return self.cue_head(features)
+
     def forward(self, x: torch.Tensor, site: int = 0) -> torch.Tensor:
         """x: (B, 3, S, S) -> logits (B, num_classes)."""
         return self.forward_head(self.forward_features(x, site), site)
@@ -277,21 +303,22 @@ class COVIDNet(nn.Module):
 
 def create_model(
     arch: str, width: float = 1.0, num_sites: int = 1, num_classes: int = 2, image_size: int = 224,
-    adapter: str = "none", auxiliary: bool = False,
+    adapter: str = "none", auxiliary: bool = False, num_cues: int = 0,
 ) -> COVIDNet:
     """Build ``arch`` in {"redesigned", "covidnet"}; ``image_size`` matters only for the original's flatten."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     return COVIDNet(arch == "redesigned", width, num_sites, num_classes, image_size=image_size, adapter=adapter,
-                    auxiliary=auxiliary)
+                    auxiliary=auxiliary, num_cues=num_cues)
 
 
 def build_model(config: Config, num_sites: int = 1) -> COVIDNet:
     """The network of ``config``: architecture, width, image size and its method's site-specific parts
-    (adapters, auxiliary branches), with ``num_sites`` copies of every per-site module."""
+    (adapters, auxiliary branches) and the cue head of ``cue-adversarial`` > 0, with ``num_sites`` copies of every
+    per-site module."""
     spec = config.spec
     return create_model(config.arch, config.width, num_sites, image_size=config.image_size, adapter=spec.adapter,
-                        auxiliary=spec.auxiliary)
+                        auxiliary=spec.auxiliary, num_cues=len(CUE_TARGETS) if config.cue_adversarial > 0 else 0)
 
 
 def bn_keys(model: nn.Module) -> set[str]:
@@ -306,11 +333,11 @@ def bn_keys(model: nn.Module) -> set[str]:
 
 def local_keys(model: nn.Module) -> set[str]:
     """Names of every site-specific tensor, found by module type: BN parameters and statistics (``bn_keys``) and
-    every parameter and buffer of the residual adapters and auxiliary branches. None of them leaves a site under
+    every parameter and buffer of the residual adapters, auxiliary branches and cue heads. None of them leaves a site under
     FedBN; FedAvg shares the BN ones only."""
     keys = bn_keys(model)
     for prefix, module in model.named_modules():
-        if isinstance(module, (SiteAdapter, AuxiliaryBranch)):
+        if isinstance(module, (SiteAdapter, AuxiliaryBranch, CueHead)):
             keys.update(f"{prefix}.{name}" if prefix else name for name in module.state_dict())
     return keys
 

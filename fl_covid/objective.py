@@ -16,25 +16,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_covid.config import Config
-from fl_covid.losses import MSNetLoss, NTXentLoss, ProximalTerm
+from fl_covid.losses import CueAdversarialLoss, MSNetLoss, NTXentLoss, ProximalTerm
 
 
 @dataclass(frozen=True)
 class StepOutput:
     """What one step's forward passes produced over all its chunks: ``logits`` (B, C) float32, ``labels`` (B,),
     ``projections`` (B, D) float32 when the objective is contrastive, ``aux_logits`` (B, C) float32 of each
-    image's site branch when it has MS-Net's term."""
+    image's site branch when it has MS-Net's term, ``cue_predictions`` and ``cue_targets`` (B, K) float32 when it
+    has the cue-adversarial term."""
 
     logits: torch.Tensor
     labels: torch.Tensor
     projections: torch.Tensor | None = None
     aux_logits: torch.Tensor | None = None
+    cue_predictions: torch.Tensor | None = None
+    cue_targets: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
 class Objective:
     """L = CE + alpha * NT-Xent (over the step's projections plus ``candidates``: (P, D) vectors and (P,) labels,
-    detached, each counting ``candidate_weight`` times) + MS-Net's term + FedProx's term; absent terms add nothing.
+    detached, each counting ``candidate_weight`` times) + MS-Net's term + FedProx's term + the cue-adversarial
+    term; absent terms add nothing.
     """
 
     contrastive: NTXentLoss | None = None
@@ -43,6 +47,7 @@ class Objective:
     candidate_weight: float = 1.0
     msnet: MSNetLoss | None = None
     proximal: ProximalTerm | None = None
+    cue_adversarial: CueAdversarialLoss | None = None
     extra: tuple[Callable[[nn.Module, StepOutput], torch.Tensor], ...] = ()  # a method's own terms
 
     @property
@@ -52,6 +57,10 @@ class Objective:
     @property
     def needs_auxiliary(self) -> bool:
         return self.msnet is not None
+
+    @property
+    def needs_cues(self) -> bool:
+        return self.cue_adversarial is not None
 
     def to(self, device: torch.device) -> Objective:
         """The same objective with its candidates on ``device``."""
@@ -70,6 +79,8 @@ class Objective:
             loss = loss + self.msnet(out.logits, out.aux_logits, out.labels)
         if self.proximal is not None:
             loss = loss + self.proximal(model)
+        if self.cue_adversarial is not None:
+            loss = loss + self.cue_adversarial(out.cue_predictions, out.cue_targets)
         for term in self.extra:
             loss = loss + term(model, out)
         return loss, ce, con
@@ -80,8 +91,9 @@ def build_objective(config: Config, candidates: tuple[torch.Tensor, torch.Tensor
                     extra: Sequence[Callable[[nn.Module, StepOutput], torch.Tensor]] = ()) -> Objective:
     """The objective of ``config.method``: NT-Xent for contrastive methods (``alpha`` > 0; ``candidates``: the
     other sites' prototypes, used when there are any), MS-Net's term for methods with auxiliary branches, FedProx's
-    term for proximal methods (``proximal-mu`` > 0; ``reference``: the shared weights the round started from), and
-    the terms of the method's algorithm (``extra``, ``fl_covid.algorithms``)."""
+    term for proximal methods (``proximal-mu`` > 0; ``reference``: the shared weights the round started from), the
+    cue-adversarial term of any method (``cue-adversarial`` > 0) and the terms of the method's algorithm
+    (``extra``, ``fl_covid.algorithms``)."""
     spec = config.spec
     if spec.proximal and config.proximal_mu > 0 and reference is None:
         raise ValueError(f"method {config.method}: the proximal term needs the weights the round started from")
@@ -93,5 +105,6 @@ def build_objective(config: Config, candidates: tuple[torch.Tensor, torch.Tensor
         candidate_weight=config.prototype_weight,
         msnet=MSNetLoss(config.msnet_temperature, config.msnet_weight) if spec.auxiliary else None,
         proximal=ProximalTerm(config.proximal_mu, reference) if spec.proximal and config.proximal_mu > 0 else None,
+        cue_adversarial=CueAdversarialLoss(config.cue_adversarial) if config.cue_adversarial > 0 else None,
         extra=tuple(extra),
     )
