@@ -1,9 +1,10 @@
 """Cue-adversarial training: the batch cue statistics against the audit's, the gradient reversal, the term in a
-real training step, and a real federation (smoke config, embedded CT images) in which the cue head stays at its
-site."""
+real training step, a real federation (smoke config, embedded CT images) in which the cue head stays at its site,
+and the linear probe that measures what cue information an embedding keeps."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,12 @@ import pytest
 import torch
 
 from fl_covid import records as R
+from fl_covid.centralized import main as central_main
 from fl_covid.config import ConfigError, load_config
 from fl_covid.cues import CUE_TARGETS, batch_cues, image_features
 from fl_covid.engine import Chunk, make_optimizer, train_steps
+from fl_covid.experiments.cue_probe import main as probe_main
+from fl_covid.experiments.cue_probe import probe_r2
 from fl_covid.federated import LocalState, shared_keys
 from fl_covid.losses import CueAdversarialLoss
 from fl_covid.model import CueHead, build_model, create_model, local_keys
@@ -130,3 +134,24 @@ def test_in_a_federation_the_cue_head_trains_and_never_leaves_its_site(tmp_path:
         name = (SITE_A, SITE_B)[d.partition]
         saved = LocalState.load(run_dir(tmp_path) / f"site-{name}" / "state")
         assert saved is not None and head <= set(saved.bn)  # kept at the site, with its BN
+
+
+def test_the_probe_reads_a_linear_cue_and_not_noise() -> None:
+    rng = np.random.default_rng(0)
+    cues = rng.normal(size=(200, 3))
+    encoded = np.concatenate([cues @ rng.normal(size=(3, 8)), rng.normal(size=(200, 8))], axis=1)
+    assert probe_r2(encoded, cues).min() > 0.95
+    assert probe_r2(rng.normal(size=(200, 16)), cues).max() < 0.1
+    assert np.isnan(probe_r2(encoded, np.ones((200, 1))))[0]  # a constant cue has no R^2
+
+
+def test_the_probe_runs_on_a_trained_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert central_main(["--config", "configs/smoke.yaml", "--method", "sepnorm", "--quiet", "--set", "epochs=1",
+                         "--set", "cue-adversarial=1", "--set", f"output-dir={tmp_path}"]) == 0
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    out = tmp_path / "probe.md"
+    assert probe_main([str(run), "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [r["site"] for r in rows] == [SITE_A, SITE_B]
+    assert all(r["cue_adversarial"] == 1 and np.isfinite(r["mean_r2"]) and r["images"] > 0 for r in rows)
+    assert "| mean R^2 |" in out.read_text()
