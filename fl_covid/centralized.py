@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, VAL_PREDICTIONS_CSV, site_folder
 from fl_covid.cli import run_command
-from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
+from fl_covid.config import Config, load_config, parse_overrides, to_json
 from fl_covid.data import IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
+from fl_covid.errors import ConfigError
 from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
 from fl_covid.model import build_model, one_site_state

@@ -16,16 +16,15 @@ from dataclasses import dataclass, fields
 from functools import cache
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
+from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH
+from fl_covid.errors import ConfigError
 from fl_covid.methods import FEDERATED_METHODS, METHODS, Method
-from fl_covid.preprocess import Augmentation
+from fl_covid.preprocess import Augmentation, Preprocessing
 from fl_covid.trust import NotTrusted, parse_public_key
-
-if TYPE_CHECKING:
-    from fl_covid.data import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +38,6 @@ PROTOCOL_TEXT = {  # how each split protocol splits a site, for reports
 }
 COMPRESSIONS = ("none", "fp16", "int8")
 FEDAVG_WEIGHTS = ("equal", "dataset")
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and what is allowed."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +56,8 @@ class Config:
     exclude_label_conflicts: bool = True
     skip_unreadable: bool = False
     # DICOM slices: window on Hounsfield units mapped to 8-bit grey (default: the lung window)
-    dicom_window_width: float = 1500.0
-    dicom_window_level: float = -600.0
+    dicom_window_width: float = WINDOW_WIDTH
+    dicom_window_level: float = WINDOW_LEVEL
     # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square;
     # robust per-image intensity standardisation; augmentation of zoom, contrast/gamma, blur (strength in [0, 1]);
     # of the low-frequency amplitude spectrum (|u|, |v| <= spectrum-band cycles per pixel), grey-level warp, borders
@@ -240,8 +235,6 @@ class Config:
     @property
     def preprocessing(self) -> Preprocessing:
         """How files become cached images (DICOM window, body crop, standardisation)."""
-        from fl_covid.data import Preprocessing
-
         return Preprocessing((self.dicom_window_width, self.dicom_window_level), self.body_crop, self.standardize)
 
     @property

@@ -14,7 +14,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,15 +21,16 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
-if TYPE_CHECKING:
-    from fl_covid.config import Config
+from fl_covid.config import Config
+from fl_covid.dicom import dicom_tags, read_dicom
+from fl_covid.errors import DataError
+from fl_covid.preprocess import Preprocessing, body_crop, standardize
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("NonCOVID", "COVID")  # index = label: COVID is the positive class 1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-DICOM_WINDOW = (1500.0, -600.0)  # lung window (width, level) in HU; the config's dicom-window-width / -level
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 MIN_SIDE = 16
@@ -54,10 +54,6 @@ def data_licence(site: str, root: Path | None = None) -> str:
             lines = file.read_text(encoding="utf-8", errors="replace").strip().splitlines()
             return lines[0][:300] if lines else "an empty licence file"
     return DATASET_LICENCES.get(site, "not stated: ask the owner of this site's data")
-
-
-class DataError(ValueError):
-    """A problem with a site's files; the message names the file or folder and what to do."""
 
 
 @dataclass(frozen=True)
@@ -146,25 +142,12 @@ def is_dicom(path: Path) -> bool:
     return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_marker(path))
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
-    config): the DICOM lung ``window`` (width, level) in HU; ``body_crop``: crop to the body, padded square
-    (fl_covid.preprocess.body_crop); ``standardize``: robust per-image intensity standardisation."""
-
-    window: tuple[float, float] = DICOM_WINDOW
-    body_crop: bool = False
-    standardize: bool = False
-
-
 def _finish(im: Image.Image, path: Path, size: int, prep: Preprocessing) -> np.ndarray:
     """Grey image -> (cropped, standardised) ``size x size`` uint8."""
     if min(im.size) < MIN_SIDE:
         raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
                         "remove it or supply the full-resolution slice")
     if prep.body_crop or prep.standardize:
-        from fl_covid.preprocess import body_crop, standardize
-
         a = np.asarray(im.convert("L"))
         a = standardize(body_crop(a) if prep.body_crop else a) if prep.standardize else body_crop(a)
         im = Image.fromarray(np.ascontiguousarray(a))
@@ -175,8 +158,6 @@ def decode_image(path: Path, size: int, prep: Preprocessing = Preprocessing()) -
     """Read one image file as grey, preprocess it (``prep``) and resize it (bilinear, antialiased) to
     ``size x size`` uint8; DataError if bad. DICOM files go through ``fl_covid.dicom.read_dicom``."""
     if is_dicom(path):
-        from fl_covid.dicom import read_dicom  # pydicom is imported only for DICOM files
-
         return _finish(Image.fromarray(read_dicom(path, *prep.window)[0]), path, size, prep)
     try:
         with Image.open(path) as im:
@@ -221,8 +202,6 @@ def _with_dicom_tags(root: Path, name: str, rows: list[dict[str, str]], workers:
     dicom = [i for i, r in enumerate(rows) if is_dicom(root / r["path"])]
     if not dicom:
         return rows
-    from fl_covid.dicom import dicom_tags
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tags = list(pool.map(lambda i: dicom_tags(root / rows[i]["path"]), dicom))
     rows = [dict(r) for r in rows]

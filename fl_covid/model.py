@@ -12,17 +12,13 @@ ModuleList and uses the copy ``select_site`` chose; ``local_keys`` finds their t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fl_covid.config import Config
 from fl_covid.methods import ADAPTERS
-
-if TYPE_CHECKING:
-    from fl_covid.config import Config
 
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 STAGE_BLOCKS = (3, 4, 6, 3)

@@ -12,10 +12,11 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
   randomly rescaled (a band of half-width ``band`` x S around DC: global intensity, vignetting, large-scale
   contrast), a random monotone grey-level warp (the histogram's shape, its percentiles) and random borders.
 
-The first two are NumPy functions for decoding time (one image, before the square resize); the last two run on
-cached batches like ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``,
-``style-augment``, ``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an
-image is used beyond it, so nothing leaves a site.
+The first two are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
+which of them, and which DICOM window, make a file a cached image); the last two run on cached batches like
+``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``, ``style-augment``,
+``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an image is used beyond
+it, so nothing leaves a site.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
+
+from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH
 
 MIN_BODY_AREA = 0.1  # a body mask covering less of the image than this is not trusted: keep the whole image
 BODY_PART = 0.25  # components at least this fraction of the largest belong to the body too
@@ -287,6 +290,17 @@ def style_augment(images: torch.Tensor, generator: torch.Generator, strength: fl
     widths = (MAX_BORDER * strength * s * u[:, r:r + 4]).floor().long()
     x = torch.where(apply[:, 2], random_border(x, widths, u[:, r + 4]), x)
     return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
+    config): the DICOM ``window`` (width, level) in HU (``fl_covid.dicom``); ``body_crop``: crop to the body, padded
+    square (``body_crop``); ``standardize``: robust per-image intensity standardisation (``standardize``)."""
+
+    window: tuple[float, float] = (WINDOW_WIDTH, WINDOW_LEVEL)
+    body_crop: bool = False
+    standardize: bool = False
 
 
 @dataclass(frozen=True)

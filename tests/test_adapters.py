@@ -16,9 +16,10 @@ from torch import nn
 
 from fl_covid import records as R
 from fl_covid.centralized import main as central_main
-from fl_covid.config import ConfigError, load_config
+from fl_covid.config import load_config
 from fl_covid.data import load_configured_site, random_crops, to_input
 from fl_covid.engine import Chunk, evaluate, make_optimizer, train_steps
+from fl_covid.errors import ConfigError
 from fl_covid.federated import LocalState, shared_keys
 from fl_covid.losses import MSNetLoss
 from fl_covid.methods import METHODS, Method

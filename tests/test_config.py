@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_covid.config import Config, ConfigError, federated_config, load_config, parse_overrides, project_root
+from fl_covid.config import Config, federated_config, load_config, parse_overrides, project_root
+from fl_covid.errors import ConfigError
 
 
 @pytest.mark.parametrize(

@@ -37,8 +37,9 @@ from pydicom.uid import (
 )
 
 from fl_covid.config import Config, load_config
-from fl_covid.data import CLASSES, DataError, check_no_leak, decode_image, load_configured_site, load_site, make_split
+from fl_covid.data import CLASSES, check_no_leak, decode_image, load_configured_site, load_site, make_split
 from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH, dicom_tags, read_dicom
+from fl_covid.errors import DataError
 from tests.conftest import write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def test_syntax_whose_decoder_is_not_installed_names_the_packages() -> None:
     """JPEG Lossless needs pylibjpeg-libjpeg (or gdcm): hide pylibjpeg in a fresh interpreter."""
     path = get_testdata_file("SC_rgb_jpeg_gdcm.dcm")
     code = ("import sys; sys.modules['pylibjpeg'] = None\n"
-            "from fl_covid.data import DataError\nfrom fl_covid.dicom import read_dicom\n"
+            "from fl_covid.errors import DataError\nfrom fl_covid.dicom import read_dicom\n"
             f"try:\n    read_dicom({path!r})\nexcept DataError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 0, out.stderr

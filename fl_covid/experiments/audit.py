@@ -54,7 +54,8 @@ from fl_covid.cues import (
 )
 
 # The loader's own manifest reading, label-conflict exclusion and grouping, so the audit's folds match training's.
-from fl_covid.data import CLASSES, DataError, _components, _label_conflicts, _read_manifest, _scan_folders
+from fl_covid.data import CLASSES, _components, _label_conflicts, _read_manifest, _scan_folders
+from fl_covid.errors import DataError
 from fl_covid.reporting import atomic_write_bytes, write_json
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
-from fl_covid.config import ConfigError, project_root
+from fl_covid.config import project_root
+from fl_covid.errors import ConfigError
 from server import server_app
 
 log = logging.getLogger(__name__)

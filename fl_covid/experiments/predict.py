@@ -37,9 +37,12 @@ import torch
 from tqdm import tqdm
 
 from fl_covid.cli import run_command
-from fl_covid.data import CLASSES, DataError, Preprocessing, decode_image, eval_input, is_dicom, is_image_file
+from fl_covid.data import CLASSES, decode_image, eval_input, is_dicom, is_image_file
+from fl_covid.dicom import dicom_tags
 from fl_covid.engine import predict, recalibrate_bn, select_device
+from fl_covid.errors import DataError
 from fl_covid.experiments.gradcam import grad_cam, plot_grid
+from fl_covid.preprocess import Preprocessing
 from fl_covid.reporting import write_csv, write_json
 from fl_covid.shift import ShiftCheck, check_shift, far_from_all, group_flags, image_columns, warning_text
 from fl_covid.site_model import load_site_model
@@ -113,8 +116,6 @@ def decode_inputs(files: list[Path], cache_size: int, prep: Preprocessing, skip_
             log.warning("skipping unreadable image (--skip-unreadable): %s", e)
             return None, {}
         if is_dicom(path):
-            from fl_covid.dicom import dicom_tags
-
             return image, dicom_tags(path)
         return image, {}
 

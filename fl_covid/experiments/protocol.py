@@ -35,13 +35,13 @@ from fl_covid.config import (
     PROTOCOL_TEXT,
     PROTOCOLS,
     Config,
-    ConfigError,
     load_config,
     parse_overrides,
     project_root,
     resolve_config_file,
     to_json,
 )
+from fl_covid.errors import ConfigError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
 from fl_covid.experiments.unseen import evaluate_unseen, parse_bn
 from fl_covid.methods import CENTRAL_METHODS, FEDERATED_METHODS, METHODS
