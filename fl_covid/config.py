@@ -24,7 +24,7 @@ import yaml
 from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH
 from fl_covid.errors import ConfigError
 from fl_covid.methods import FEDERATED_METHODS, METHODS, Method
-from fl_covid.preprocess import Augmentation, Preprocessing
+from fl_covid.preprocess import SPECTRUM_BAND, Augmentation, Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class Config:
     standardize: bool = False
     cue_augment: float = 0.0
     style_augment: float = 0.0
-    spectrum_band: float = 0.1
+    spectrum_band: float = SPECTRUM_BAND
     # model and loss
     arch: str = "redesigned"
     width: float = 0.25

@@ -45,6 +45,7 @@ APPLY_PROBABILITY = 0.5  # each operation touches an image with this probability
 MAX_AMPLITUDE_CHANGE = 0.5  # low-frequency amplitudes scaled by a factor in [1 - 0.5 s, 1 + 0.5 s]
 WARP_KNOTS = 4  # the grey-level warp: piecewise linear through WARP_KNOTS + 1 knots
 MAX_BORDER = 0.15  # each side's border up to this fraction of the image, at strength 1
+SPECTRUM_BAND = 0.1  # style_augment's band in cycles per pixel, the default of the config's spectrum-band
 
 
 def _check_grey(image: np.ndarray, name: str) -> np.ndarray:
@@ -256,7 +257,7 @@ def random_border(x: torch.Tensor, widths: torch.Tensor, level: torch.Tensor) ->
 
 
 def style_augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
-                  band: float = 0.1) -> torch.Tensor:
+                  band: float = SPECTRUM_BAND) -> torch.Tensor:
     """Randomise an image's style of a uint8 batch (B, 1, S, S) -> uint8 (B, 1, S, S), on the batch's device.
 
     Per image and each with probability APPLY_PROBABILITY: (1) ``spectrum_jitter``: its amplitude spectrum within
@@ -309,9 +310,9 @@ class Augmentation:
     ``style_augment`` at strength ``style`` with spectrum band ``band`` (config keys cue-augment, style-augment,
     spectrum-band); the identity when both strengths are 0 (and then no random number is drawn)."""
 
-    cue: float = 0.0
-    style: float = 0.0
-    band: float = 0.1
+    cue: float
+    style: float
+    band: float
 
     def __call__(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 crops (B, 1, S, S) -> uint8 (B, 1, S, S)."""
