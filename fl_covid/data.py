@@ -58,7 +58,9 @@ def data_licence(site: str, root: Path | None = None) -> str:
 
 @dataclass(frozen=True)
 class Site:
-    """One hospital's images, decoded once. ``images``: (N, 1, R, R) uint8; ``labels``: (N,) int64."""
+    """One hospital's images, decoded once. ``images``: (N, 1, R, R) uint8; ``labels``: (N,) int64; per image its
+    ``groups`` key (``group_keys``), ``patient_ids`` (the manifest's, else the DICOM header's; '' when neither
+    gives one) and ``official`` split (the manifest's ``split`` column, '' without one)."""
 
     name: str
     root: Path
@@ -66,6 +68,7 @@ class Site:
     images: torch.Tensor
     labels: torch.Tensor
     groups: tuple[str, ...]
+    patient_ids: tuple[str, ...]
     official: tuple[str, ...]
 
     def __len__(self) -> int:
@@ -82,14 +85,25 @@ class Split:
     protocol: str
 
 
-def _read_manifest(root: Path, name: str) -> list[dict[str, str]]:
-    file = root / "manifest.csv"
+def read_manifest(file: Path) -> list[dict[str, str]]:
+    """The rows of a ``manifest.csv`` (UTF-8, a BOM allowed), each a dict of its columns; DataError naming the file
+    when it is not UTF-8 CSV. Which columns it needs is for its reader to check."""
     try:
         with open(file, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            return list(csv.DictReader(f))
     except UnicodeDecodeError as e:
-        raise DataError(f"site '{name}': {file} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                        "save it as UTF-8 CSV") from e
+        raise DataError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from e
+    except csv.Error as e:
+        raise DataError(f"{file} is not CSV ({e}); save it as UTF-8 CSV") from e
+
+
+def _site_manifest(root: Path, name: str) -> list[dict[str, str]]:
+    """A site's manifest rows, checked: labels among CLASSES, every path once and an existing file."""
+    file = root / "manifest.csv"
+    try:
+        rows = read_manifest(file)
+    except DataError as e:
+        raise DataError(f"site '{name}': {e}") from e
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"site '{name}': {file} needs a header with at least 'path' and 'label' and one row")
     seen: set[str] = set()
@@ -178,8 +192,28 @@ def decode_image(path: Path, size: int, prep: Preprocessing = Preprocessing()) -
                         "(or set skip-unreadable=true to skip such files with a warning)") from e
 
 
-def _components(rows: list[dict[str, str]]) -> list[str]:
-    """Group key per row: connected components of images sharing a patient_id, dup_group or series_uid."""
+def site_rows(root: Path, name: str, exclude_label_conflicts: bool = True) -> list[dict[str, str]]:
+    """A site folder's images as rows (``path``, ``label`` and the manifest's other columns): its ``manifest.csv``
+    (checked) when it has one, else the image files under its COVID/ and NonCOVID/ folders; without the images
+    whose duplicate group holds both labels (logged), unless ``exclude_label_conflicts`` is False."""
+    rows = _site_manifest(root, name) if (root / "manifest.csv").is_file() else _scan_folders(root, name)
+    if exclude_label_conflicts and (bad := _label_conflicts(rows)):
+        log.warning("site '%s': excluding %d images whose duplicate group has both labels: %s", name, len(bad),
+                    ", ".join(rows[i]["path"] for i in sorted(bad)))
+        rows = [r for i, r in enumerate(rows) if i not in bad]
+    return rows
+
+
+def class_subset(rows: list[dict[str, str]], max_per_class: int, seed: int) -> list[int]:
+    """Indices (ascending) of a seeded random subset of at most ``max_per_class`` rows of each class."""
+    rng = np.random.default_rng(seed)
+    return sorted(i for label in CLASSES
+                  for i in rng.permutation([j for j, r in enumerate(rows) if r["label"] == label])[:max_per_class])
+
+
+def group_keys(rows: list[dict[str, str]]) -> list[str]:
+    """Group key per row: connected components of the rows sharing a patient_id, dup_group or series_uid, so that
+    a patient's images and a near-duplicate cluster are one group."""
     parent = list(range(len(rows)))
 
     def find(i: int) -> int:
@@ -241,17 +275,10 @@ def load_site(
     name = name or root.name
     if not root.is_dir():
         raise DataError(f"site '{name}': folder {root} does not exist (check data-root and sites)")
-    rows = _read_manifest(root, name) if (root / "manifest.csv").is_file() else _scan_folders(root, name)
-    if exclude_label_conflicts and (bad := _label_conflicts(rows)):
-        log.warning("site '%s': excluding %d images whose duplicate group has both labels: %s", name, len(bad),
-                    ", ".join(rows[i]["path"] for i in sorted(bad)))
-        rows = [r for i, r in enumerate(rows) if i not in bad]
-    rows = _with_dicom_tags(root, name, rows, workers)
-    groups = _components(rows)
+    rows = _with_dicom_tags(root, name, site_rows(root, name, exclude_label_conflicts), workers)
+    groups = group_keys(rows)
     if max_per_class:
-        rng = np.random.default_rng(seed)
-        keep = sorted(i for label in CLASSES
-                      for i in rng.permutation([j for j, r in enumerate(rows) if r["label"] == label])[:max_per_class])
+        keep = class_subset(rows, max_per_class, seed)
         rows, groups = [rows[i] for i in keep], [groups[i] for i in keep]
     for label in CLASSES:
         if not any(r["label"] == label for r in rows):
@@ -280,6 +307,7 @@ def load_site(
     return Site(
         name=name, root=root, paths=tuple(rows[i]["path"] for i in kept), images=images, labels=labels,
         groups=tuple(groups[i] for i in kept),
+        patient_ids=tuple((rows[i].get("patient_id") or "").strip() for i in kept),
         official=tuple((rows[i].get("split") or "").strip() for i in kept),
     )
 

@@ -370,6 +370,7 @@ def test_dicom_site_groups_slices_by_patient(tmp_path: Path, manifest: bool) -> 
     for path, group in zip(site.paths, site.groups):
         groups.setdefault(owner[path], set()).add(group)
     assert all(len(g) == 1 for g in groups.values()) and len(set(site.groups)) == 12
+    assert list(site.patient_ids) == [owner[path] for path in site.paths]  # the headers' PatientID
     for fold in range(3):
         split = make_split(site, "grouped", folds=3, fold=fold, val_fraction=0.25)
         check_no_leak(site, split)
@@ -390,6 +391,7 @@ def test_manifest_patient_id_wins_over_the_dicom_tag(tmp_path: Path) -> None:
     write_manifest(tmp_path / "site" / "manifest.csv", rows)
     site = load_site(tmp_path / "site", 36)
     assert len(set(site.groups)) == 1  # the manifest ties every slice to one person
+    assert set(site.patient_ids) == {"same-person"}
 
 
 def test_configured_window_reaches_the_decoded_site(tmp_path: Path) -> None:

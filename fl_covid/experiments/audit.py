@@ -53,8 +53,8 @@ from fl_covid.cues import (
     image_features,
 )
 
-# The loader's own manifest reading, label-conflict exclusion and grouping, so the audit's folds match training's.
-from fl_covid.data import CLASSES, _components, _label_conflicts, _read_manifest, _scan_folders
+# the loader's own rows, grouping and subset, so that the audit's folds match training's
+from fl_covid.data import CLASSES, class_subset, group_keys, site_rows
 from fl_covid.errors import DataError
 from fl_covid.reporting import atomic_write_bytes, write_json
 
@@ -173,16 +173,11 @@ def site_features(root: str | Path, name: str | None = None, max_per_class: int 
     name = name or root.name
     if not root.is_dir():
         raise DataError(f"site '{name}': folder {root} does not exist (check --data and --sites)")
-    rows = _read_manifest(root, name) if (root / "manifest.csv").is_file() else _scan_folders(root, name)
-    if bad := _label_conflicts(rows):
-        log.info("site '%s': leaving out %d images whose duplicate group has both labels", name, len(bad))
-        rows = [r for i, r in enumerate(rows) if i not in bad]
-    groups = _components(rows)
-    blocks = _components(_pseudo_patients(rows))
+    rows = site_rows(root, name)
+    groups = group_keys(rows)
+    blocks = group_keys(_pseudo_patients(rows))
     if max_per_class:
-        rng = np.random.default_rng(seed)
-        keep = sorted(i for label in CLASSES
-                      for i in rng.permutation([j for j, r in enumerate(rows) if r["label"] == label])[:max_per_class])
+        keep = class_subset(rows, max_per_class, seed)
         rows, groups, blocks = [rows[i] for i in keep], [groups[i] for i in keep], [blocks[i] for i in keep]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         x = np.stack(list(pool.map(lambda r: row_features(root, r, max_side), rows)))
