@@ -26,7 +26,7 @@ from fl_covid.config import Config, load_config
 from fl_covid.data import IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, make_optimizer, train_steps
 from fl_covid.federated import SiteRunner
-from fl_covid.model import build_model
+from fl_covid.model import initial_model
 from fl_covid.objective import build_objective
 from fl_covid.seeding import derive
 
@@ -43,8 +43,7 @@ def site_loop(config: Config, site: Site, split: Split, site_id: int = 0, compil
     prototypes trains against a bank of random unit prototypes of one other site (same shapes as the real bank).
     ``compiled``: the model's forward passes through torch.compile (inductor)."""
     spec = config.spec
-    torch.manual_seed(derive(config.seed, "init"))
-    model = build_model(config)
+    model = initial_model(config)
     if compiled:
         model.forward_features = torch.compile(model.forward_features)  # type: ignore[method-assign]
         model.forward_head = torch.compile(model.forward_head)  # type: ignore[method-assign]
@@ -55,7 +54,8 @@ def site_loop(config: Config, site: Site, split: Split, site_id: int = 0, compil
     candidates = None
     if spec.prototypes:
         rows = 2 * config.prototypes_per_class
-        candidates = (F.normalize(torch.randn(rows, model.proj_dim), dim=1), torch.arange(rows) % 2)
+        bank = torch.randn(rows, model.proj_dim, generator=torch.Generator().manual_seed(derive(config.seed, "bank")))
+        candidates = (F.normalize(bank, dim=1), torch.arange(rows) % 2)
     shared = {k: v.detach().clone() for k, v in model.state_dict().items()} if spec.proximal else None
     objective = build_objective(config, candidates, shared)
 

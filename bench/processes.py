@@ -1,8 +1,9 @@
-"""Processes on this machine (Linux /proc): the process tree of a Flower run and its memory, sampled while the run
-goes on; stopping a process tree; worker processes started together and timed over the same window.
+"""Processes on this machine (Linux /proc, ``fl_covid.processes``): the process tree of a Flower run and its memory,
+sampled while the run goes on; stopping a process tree; worker processes started together and timed over the same
+window.
 
 The processes of a `flwr run` are found by the private FLWR_HOME on their command lines
-(``fl_covid.experiments.federation.pids_mentioning``), then every descendant of those.
+(``fl_covid.processes.pids_mentioning``), then every descendant of those.
 """
 
 from __future__ import annotations
@@ -17,47 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fl_covid.experiments.federation import FlowerCLI, pids_mentioning
+from fl_covid.experiments.federation import FlowerCLI
+from fl_covid.processes import descendants, memory_mb, pids_mentioning, process_table
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def proc_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process."""
-    table = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            table[int(d.name)] = (ppid, cmd)
-    return table
-
-
-def descendants(roots: list[int], table: dict[int, tuple[int, str]]) -> set[int]:
-    """``roots`` (those still running) and every process below them."""
-    children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
-        children.setdefault(ppid, []).append(pid)
-    out, todo = set(), [p for p in roots if p in table]
-    while todo:
-        pid = todo.pop()
-        if pid not in out:
-            out.add(pid)
-            todo += children.get(pid, [])
-    return out
-
-
-def memory_mb(pid: int) -> tuple[float, float]:
-    """(current RSS, peak RSS) of a process in MiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) / 1024
-    return fields.get("VmRSS", 0.0), fields.get("VmHWM", 0.0)
 
 
 def role(cmd: str) -> str:
@@ -93,7 +57,7 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            table = proc_table()
+            table = process_table()
             total = 0.0
             for pid in descendants(pids_mentioning(self.marker), table):
                 try:
@@ -103,7 +67,7 @@ class MemorySampler:
                 total += rss
                 kind, peak = self.peak_mb.get(pid, ("ray", 0.0))
                 if kind == "ray":  # a Ray worker becomes a ClientAppActor only once its actor starts
-                    kind = role(table[pid][1])
+                    kind = role(table[pid].command)
                 self.peak_mb[pid] = (kind, max(hwm, peak))
             self.peak_total_mb = max(self.peak_total_mb, total)
             self._stop.wait(self.interval)
@@ -148,7 +112,7 @@ def flower_run(flower: FlowerCLI, run_config: dict[str, Any], output: Path, meth
 def kill_tree(marker: str, grace: float = 3.0) -> None:
     """SIGTERM, then SIGKILL, every process whose command line mentions ``marker`` and its descendants."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in descendants(pids_mentioning(marker), proc_table()):
+        for pid in descendants(pids_mentioning(marker)):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:

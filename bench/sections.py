@@ -42,6 +42,7 @@ from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_co
 from fl_covid.federated import LocalState, Received, SiteRunner, initial_shared
 from fl_covid.methods import FEDERATED_METHODS
 from fl_covid.metrics import ROC_POINTS
+from fl_covid.processes import process_table
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.validation import check_metrics, check_prototypes, check_update
 from server.strategy import build_strategy
@@ -475,10 +476,11 @@ def ray_cluster(b: Bench) -> dict[str, Any]:
 
         def watch() -> None:
             while not stop.is_set():
-                table = processes.proc_table()
-                for pid, (ppid, cmd) in table.items():
-                    if cmd.startswith("ray::ClientAppActor") and ppid in table and str(temp) in table[ppid][1]:
-                        actors[pid] = table[ppid][1].split("--raylet_socket_name=")[-1].split()[0]
+                table = process_table()
+                for pid, process in table.items():
+                    parent = table.get(process.parent)
+                    if process.command.startswith("ray::ClientAppActor") and parent and str(temp) in parent.command:
+                        actors[pid] = parent.command.split("--raylet_socket_name=")[-1].split()[0]
                 stop.wait(0.2)
 
         watcher = threading.Thread(target=watch, daemon=True)

@@ -29,10 +29,11 @@ from fl_covid.checkpoint import (
     prune_site_states,
     site_folder,
 )
-from fl_covid.config import Config, NodeConfig, federated_config, parse_node_config
+from fl_covid.config import Config, federated_config
 from fl_covid.data import load_configured_site
 from fl_covid.engine import select_device
 from fl_covid.federated import LocalState, Received, SiteRunner
+from fl_covid.policy import NodeConfig, parse_node_config
 from fl_covid.privacy import PrivacyLedger, noise_generator, release_digest, site_secret
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import write_predictions

@@ -28,7 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fl_covid.config import POLICY_ENV, ConfigError, load_site_policy
+from fl_covid.errors import ConfigError
+from fl_covid.policy import POLICY_ENV, load_site_policy
 
 log = logging.getLogger("fl-covid-clientapp")
 

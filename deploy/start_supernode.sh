@@ -55,7 +55,8 @@ case "$site$data$state$policy$sign" in *"'"* | *'"'*) fail "site, folders and po
 "$python" -I - "$policy" "$site" "$sign" <<'PY' || fail "the site policy $policy or signing key $sign is not usable (see above)"
 import sys
 from pathlib import Path
-from fl_covid.config import ConfigError, load_site_policy
+from fl_covid.errors import ConfigError
+from fl_covid.policy import load_site_policy
 from fl_covid.trust import NotTrusted, load_private_key
 try:
     policy = load_site_policy(Path(sys.argv[1]))

@@ -20,12 +20,13 @@ from tqdm import tqdm
 
 from fl_covid.checkpoint import PREDICTIONS_CSV, SITE_MODEL, VAL_PREDICTIONS_CSV, site_folder
 from fl_covid.cli import run_command
-from fl_covid.config import Config, ConfigError, load_config, parse_overrides, to_json
+from fl_covid.config import Config, load_config, parse_overrides, to_json
 from fl_covid.data import IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
+from fl_covid.errors import ConfigError
 from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import roc_on_grid
-from fl_covid.model import build_model, one_site_state
+from fl_covid.model import initial_model, one_site_state
 from fl_covid.objective import build_objective
 from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
 from fl_covid.seeding import derive
@@ -40,8 +41,7 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
     """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site."""
     spec = METHODS[method]
     per_site_bn = spec.per_site_bn
-    torch.manual_seed(derive(config.seed, "init"))  # the initial weights of a federated run of the same seed
-    model = build_model(config, len(members) if per_site_bn else 1)
+    model = initial_model(config, len(members) if per_site_bn else 1)  # a federated run's, for the same seed
     optimizer = make_optimizer(model, config.lr)
     streams = {k: IndexStream(sites[k][1].train, torch.Generator().manual_seed(derive(config.seed, "batches", k)))
                for k in members}

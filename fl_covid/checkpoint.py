@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fl_covid.config import ConfigError
+from fl_covid.errors import ConfigError
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import atomic_write_bytes, write_json
 

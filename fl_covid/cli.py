@@ -7,8 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from fl_covid.config import ConfigError
-from fl_covid.data import DataError
+from fl_covid.errors import ConfigError, DataError
 
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, DataError)
 

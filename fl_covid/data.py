@@ -14,7 +14,6 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,15 +21,16 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 
-if TYPE_CHECKING:
-    from fl_covid.config import Config
+from fl_covid.config import Config
+from fl_covid.dicom import dicom_tags, read_dicom
+from fl_covid.errors import DataError
+from fl_covid.preprocess import Preprocessing, body_crop, standardize
 
 log = logging.getLogger(__name__)
 
 CLASSES = ("NonCOVID", "COVID")  # index = label: COVID is the positive class 1
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 DICOM_SUFFIXES = {".dcm", ".dicom"}
-DICOM_WINDOW = (1500.0, -600.0)  # lung window (width, level) in HU; the config's dicom-window-width / -level
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 MIN_SIDE = 16
@@ -56,13 +56,11 @@ def data_licence(site: str, root: Path | None = None) -> str:
     return DATASET_LICENCES.get(site, "not stated: ask the owner of this site's data")
 
 
-class DataError(ValueError):
-    """A problem with a site's files; the message names the file or folder and what to do."""
-
-
 @dataclass(frozen=True)
 class Site:
-    """One hospital's images, decoded once. ``images``: (N, 1, R, R) uint8; ``labels``: (N,) int64."""
+    """One hospital's images, decoded once. ``images``: (N, 1, R, R) uint8; ``labels``: (N,) int64; per image its
+    ``groups`` key (``group_keys``), ``patient_ids`` (the manifest's, else the DICOM header's; '' when neither
+    gives one) and ``official`` split (the manifest's ``split`` column, '' without one)."""
 
     name: str
     root: Path
@@ -70,6 +68,7 @@ class Site:
     images: torch.Tensor
     labels: torch.Tensor
     groups: tuple[str, ...]
+    patient_ids: tuple[str, ...]
     official: tuple[str, ...]
 
     def __len__(self) -> int:
@@ -86,14 +85,25 @@ class Split:
     protocol: str
 
 
-def _read_manifest(root: Path, name: str) -> list[dict[str, str]]:
-    file = root / "manifest.csv"
+def read_manifest(file: Path) -> list[dict[str, str]]:
+    """The rows of a ``manifest.csv`` (UTF-8, a BOM allowed), each a dict of its columns; DataError naming the file
+    when it is not UTF-8 CSV. Which columns it needs is for its reader to check."""
     try:
         with open(file, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            return list(csv.DictReader(f))
     except UnicodeDecodeError as e:
-        raise DataError(f"site '{name}': {file} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                        "save it as UTF-8 CSV") from e
+        raise DataError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8 CSV") from e
+    except csv.Error as e:
+        raise DataError(f"{file} is not CSV ({e}); save it as UTF-8 CSV") from e
+
+
+def _site_manifest(root: Path, name: str) -> list[dict[str, str]]:
+    """A site's manifest rows, checked: labels among CLASSES, every path once and an existing file."""
+    file = root / "manifest.csv"
+    try:
+        rows = read_manifest(file)
+    except DataError as e:
+        raise DataError(f"site '{name}': {e}") from e
     if not rows or not {"path", "label"} <= set(rows[0]):
         raise DataError(f"site '{name}': {file} needs a header with at least 'path' and 'label' and one row")
     seen: set[str] = set()
@@ -146,25 +156,12 @@ def is_dicom(path: Path) -> bool:
     return suffix in DICOM_SUFFIXES or (suffix not in IMAGE_SUFFIXES and has_dicom_marker(path))
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
-    config): the DICOM lung ``window`` (width, level) in HU; ``body_crop``: crop to the body, padded square
-    (fl_covid.preprocess.body_crop); ``standardize``: robust per-image intensity standardisation."""
-
-    window: tuple[float, float] = DICOM_WINDOW
-    body_crop: bool = False
-    standardize: bool = False
-
-
 def _finish(im: Image.Image, path: Path, size: int, prep: Preprocessing) -> np.ndarray:
     """Grey image -> (cropped, standardised) ``size x size`` uint8."""
     if min(im.size) < MIN_SIDE:
         raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
                         "remove it or supply the full-resolution slice")
     if prep.body_crop or prep.standardize:
-        from fl_covid.preprocess import body_crop, standardize
-
         a = np.asarray(im.convert("L"))
         a = standardize(body_crop(a) if prep.body_crop else a) if prep.standardize else body_crop(a)
         im = Image.fromarray(np.ascontiguousarray(a))
@@ -175,8 +172,6 @@ def decode_image(path: Path, size: int, prep: Preprocessing = Preprocessing()) -
     """Read one image file as grey, preprocess it (``prep``) and resize it (bilinear, antialiased) to
     ``size x size`` uint8; DataError if bad. DICOM files go through ``fl_covid.dicom.read_dicom``."""
     if is_dicom(path):
-        from fl_covid.dicom import read_dicom  # pydicom is imported only for DICOM files
-
         return _finish(Image.fromarray(read_dicom(path, *prep.window)[0]), path, size, prep)
     try:
         with Image.open(path) as im:
@@ -197,8 +192,28 @@ def decode_image(path: Path, size: int, prep: Preprocessing = Preprocessing()) -
                         "(or set skip-unreadable=true to skip such files with a warning)") from e
 
 
-def _components(rows: list[dict[str, str]]) -> list[str]:
-    """Group key per row: connected components of images sharing a patient_id, dup_group or series_uid."""
+def site_rows(root: Path, name: str, exclude_label_conflicts: bool = True) -> list[dict[str, str]]:
+    """A site folder's images as rows (``path``, ``label`` and the manifest's other columns): its ``manifest.csv``
+    (checked) when it has one, else the image files under its COVID/ and NonCOVID/ folders; without the images
+    whose duplicate group holds both labels (logged), unless ``exclude_label_conflicts`` is False."""
+    rows = _site_manifest(root, name) if (root / "manifest.csv").is_file() else _scan_folders(root, name)
+    if exclude_label_conflicts and (bad := _label_conflicts(rows)):
+        log.warning("site '%s': excluding %d images whose duplicate group has both labels: %s", name, len(bad),
+                    ", ".join(rows[i]["path"] for i in sorted(bad)))
+        rows = [r for i, r in enumerate(rows) if i not in bad]
+    return rows
+
+
+def class_subset(rows: list[dict[str, str]], max_per_class: int, seed: int) -> list[int]:
+    """Indices (ascending) of a seeded random subset of at most ``max_per_class`` rows of each class."""
+    rng = np.random.default_rng(seed)
+    return sorted(i for label in CLASSES
+                  for i in rng.permutation([j for j, r in enumerate(rows) if r["label"] == label])[:max_per_class])
+
+
+def group_keys(rows: list[dict[str, str]]) -> list[str]:
+    """Group key per row: connected components of the rows sharing a patient_id, dup_group or series_uid, so that
+    a patient's images and a near-duplicate cluster are one group."""
     parent = list(range(len(rows)))
 
     def find(i: int) -> int:
@@ -221,8 +236,6 @@ def _with_dicom_tags(root: Path, name: str, rows: list[dict[str, str]], workers:
     dicom = [i for i, r in enumerate(rows) if is_dicom(root / r["path"])]
     if not dicom:
         return rows
-    from fl_covid.dicom import dicom_tags
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         tags = list(pool.map(lambda i: dicom_tags(root / rows[i]["path"]), dicom))
     rows = [dict(r) for r in rows]
@@ -262,17 +275,10 @@ def load_site(
     name = name or root.name
     if not root.is_dir():
         raise DataError(f"site '{name}': folder {root} does not exist (check data-root and sites)")
-    rows = _read_manifest(root, name) if (root / "manifest.csv").is_file() else _scan_folders(root, name)
-    if exclude_label_conflicts and (bad := _label_conflicts(rows)):
-        log.warning("site '%s': excluding %d images whose duplicate group has both labels: %s", name, len(bad),
-                    ", ".join(rows[i]["path"] for i in sorted(bad)))
-        rows = [r for i, r in enumerate(rows) if i not in bad]
-    rows = _with_dicom_tags(root, name, rows, workers)
-    groups = _components(rows)
+    rows = _with_dicom_tags(root, name, site_rows(root, name, exclude_label_conflicts), workers)
+    groups = group_keys(rows)
     if max_per_class:
-        rng = np.random.default_rng(seed)
-        keep = sorted(i for label in CLASSES
-                      for i in rng.permutation([j for j, r in enumerate(rows) if r["label"] == label])[:max_per_class])
+        keep = class_subset(rows, max_per_class, seed)
         rows, groups = [rows[i] for i in keep], [groups[i] for i in keep]
     for label in CLASSES:
         if not any(r["label"] == label for r in rows):
@@ -301,6 +307,7 @@ def load_site(
     return Site(
         name=name, root=root, paths=tuple(rows[i]["path"] for i in kept), images=images, labels=labels,
         groups=tuple(groups[i] for i in kept),
+        patient_ids=tuple((rows[i].get("patient_id") or "").strip() for i in kept),
         official=tuple((rows[i].get("split") or "").strip() for i in kept),
     )
 

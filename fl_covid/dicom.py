@@ -34,11 +34,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from fl_covid.data import DICOM_WINDOW, DataError
+from fl_covid.errors import DataError
 
 log = logging.getLogger(__name__)
 
-WINDOW_WIDTH, WINDOW_LEVEL = DICOM_WINDOW  # the lung window, HU
+# the lung window in HU, the default of Preprocessing and of the config's dicom-window-width / -level
+WINDOW_WIDTH, WINDOW_LEVEL = 1500.0, -600.0
 FIX = ("replace or remove the file (or set skip-unreadable=true / pass --skip-unreadable to skip such files "
        "with a warning)")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")

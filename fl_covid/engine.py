@@ -89,7 +89,7 @@ def train_steps(
     *,
     image_size: int,
     generator: torch.Generator,
-    grad_clip: float = 5.0,
+    grad_clip: float,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",

@@ -28,7 +28,7 @@ from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.layout import flatten, layout_size, unflatten
 from fl_covid.metrics import roc_on_grid
-from fl_covid.model import COVIDNet, bn_keys, build_model, load_partial, local_keys
+from fl_covid.model import COVIDNet, bn_keys, initial_model, load_partial, local_keys
 from fl_covid.objective import build_objective
 from fl_covid.observe import emit
 from fl_covid.privacy import private_prototypes
@@ -107,9 +107,9 @@ def shared_keys(model: COVIDNet, config: Config) -> list[str]:
 
 
 def initial_shared(config: Config) -> tuple[dict[str, torch.Tensor], int]:
-    """The server's starting weights (seeded: the same subset the sites exchange) and the projection's width."""
-    torch.manual_seed(derive(config.seed, "init"))
-    model = build_model(config)
+    """The server's starting weights (``initial_model``: the same subset the sites exchange) and the projection's
+    width."""
+    model = initial_model(config)
     state = model.state_dict()
     return {k: state[k] for k in shared_keys(model, config)}, model.proj_dim
 
@@ -138,9 +138,7 @@ class SiteRunner:
 
     def __init__(self, config: Config, site_id: int, site: Site, split: Split, device: torch.device) -> None:
         self.config, self.site_id, self.site, self.split, self.device = config, site_id, site, split, device
-        with torch.random.fork_rng(devices=[]):  # site-specific layers start seeded (``init``), as the shared ones
-            torch.manual_seed(derive(config.seed, "init"))
-            self.model = build_model(config)
+        self.model = initial_model(config)  # site-specific layers start seeded (``init``), as the shared ones
         self.keys = shared_keys(self.model, config)
         self.local_keys = set(self.model.state_dict()) - set(self.keys)
         state = self.model.state_dict()

@@ -21,7 +21,7 @@ from fl_covid.cues import batch_cues
 class NTXentLoss(nn.Module):
     """NT-Xent over L2-normalised embeddings with class labels; 0 when there is no positive or no negative pair."""
 
-    def __init__(self, temperature: float = 0.05) -> None:
+    def __init__(self, temperature: float) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -75,7 +75,7 @@ class MSNetLoss(nn.Module):
     branches plus ``weight`` times the distillation T^2 * KL(softmax(aux / T) || softmax(logits / T)) (batch mean)
     of the universal head from each image's site branch; the teacher side (the branch) is detached."""
 
-    def __init__(self, temperature: float = 2.0, weight: float = 0.5) -> None:
+    def __init__(self, temperature: float, weight: float) -> None:
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"msnet temperature must be > 0, got {temperature}")

@@ -12,18 +12,15 @@ ModuleList and uses the copy ``select_site`` chose; ``local_keys`` finds their t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from fl_covid.config import Config
 from fl_covid.cues import CUE_TARGETS
 from fl_covid.methods import ADAPTERS
-
-if TYPE_CHECKING:
-    from fl_covid.config import Config
+from fl_covid.seeding import derive
 
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 STAGE_BLOCKS = (3, 4, 6, 3)
@@ -342,25 +339,50 @@ def local_keys(model: nn.Module) -> set[str]:
     return keys
 
 
+def _site_copies(model: COVIDNet) -> dict[str, tuple[str, int]]:
+    """Every tensor of a per-site module's copy -> (its name in a one-site model, the copy's site index):
+    ``...bns.<j>.x`` -> (``...bns.0.x``, j), likewise ``convs`` and ``heads``."""
+    out = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, PerSite):
+            base = f"{prefix}.{module.SITES}" if prefix else module.SITES
+            for j, copy in enumerate(module.copies()):
+                for name in copy.state_dict():
+                    out[f"{base}.{j}.{name}"] = (f"{base}.0.{name}", j)
+    return out
+
+
 def one_site_state(model: COVIDNet, site: int = 0) -> dict[str, torch.Tensor]:
     """The state dict of a one-site model (``build_model(config, 1)``) holding ``model``'s weights with the
     per-site modules (BN, adapters, auxiliary branches) of site index ``site``: ``...bns.<site>.x`` becomes
     ``...bns.0.x`` (likewise ``convs`` and ``heads``), the other sites' copies are left out."""
     if not 0 <= site < model.num_sites:
         raise ValueError(f"site index {site} out of range for a model with {model.num_sites} site(s)")
-    rename: dict[str, str | None] = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, PerSite):
-            base = f"{prefix}.{module.SITES}" if prefix else module.SITES
-            for j, copy in enumerate(module.copies()):
-                for name in copy.state_dict():
-                    rename[f"{base}.{j}.{name}"] = f"{base}.0.{name}" if j == site else None
+    copies = _site_copies(model)
     out = {}
     for name, t in model.state_dict().items():
-        target = rename.get(name, name)
-        if target is not None:
+        target, j = copies.get(name, (name, site))
+        if j == site:
             out[target] = t.detach().cpu().clone()
     return out
+
+
+def initial_model(config: Config, num_sites: int = 1) -> COVIDNet:
+    """The network of ``config`` with the initial weights of its seed, the same in every driver: a one-site model
+    drawn from the random stream ``init`` (``fl_covid.seeding``), which the server and every federated site build;
+    with ``num_sites`` > 1 (a pooled centralized model), every site's copy of the per-site modules (BN, adapters,
+    auxiliary branches) starts as that model's, as the same site's does in a federation. The global random
+    generator is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive(config.seed, "init"))
+        one_site = build_model(config)
+        if num_sites == 1:
+            return one_site
+        model = build_model(config, num_sites)
+    state = one_site.state_dict()
+    copies = _site_copies(model)
+    model.load_state_dict({name: state[copies.get(name, (name, 0))[0]] for name in model.state_dict()})
+    return model
 
 
 def load_partial(model: nn.Module, tensors: dict[str, torch.Tensor], expect_missing: set[str]) -> None:

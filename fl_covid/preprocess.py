@@ -12,10 +12,11 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
   randomly rescaled (a band of half-width ``band`` x S around DC: global intensity, vignetting, large-scale
   contrast), a random monotone grey-level warp (the histogram's shape, its percentiles) and random borders.
 
-The first two are NumPy functions for decoding time (one image, before the square resize); the last two run on
-cached batches like ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``,
-``style-augment``, ``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an
-image is used beyond it, so nothing leaves a site.
+The first two are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
+which of them, and which DICOM window, make a file a cached image); the last two run on cached batches like
+``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``, ``style-augment``,
+``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an image is used beyond
+it, so nothing leaves a site.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
+from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH
+
 MIN_BODY_AREA = 0.1  # a body mask covering less of the image than this is not trusted: keep the whole image
 BODY_PART = 0.25  # components at least this fraction of the largest belong to the body too
 MAX_BLUR_SIGMA = 1.5  # pixels of the batch, at strength 1
@@ -42,6 +45,7 @@ APPLY_PROBABILITY = 0.5  # each operation touches an image with this probability
 MAX_AMPLITUDE_CHANGE = 0.5  # low-frequency amplitudes scaled by a factor in [1 - 0.5 s, 1 + 0.5 s]
 WARP_KNOTS = 4  # the grey-level warp: piecewise linear through WARP_KNOTS + 1 knots
 MAX_BORDER = 0.15  # each side's border up to this fraction of the image, at strength 1
+SPECTRUM_BAND = 0.1  # style_augment's band in cycles per pixel, the default of the config's spectrum-band
 
 
 def _check_grey(image: np.ndarray, name: str) -> np.ndarray:
@@ -253,7 +257,7 @@ def random_border(x: torch.Tensor, widths: torch.Tensor, level: torch.Tensor) ->
 
 
 def style_augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
-                  band: float = 0.1) -> torch.Tensor:
+                  band: float = SPECTRUM_BAND) -> torch.Tensor:
     """Randomise an image's style of a uint8 batch (B, 1, S, S) -> uint8 (B, 1, S, S), on the batch's device.
 
     Per image and each with probability APPLY_PROBABILITY: (1) ``spectrum_jitter``: its amplitude spectrum within
@@ -290,14 +294,25 @@ def style_augment(images: torch.Tensor, generator: torch.Generator, strength: fl
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
+    config): the DICOM ``window`` (width, level) in HU (``fl_covid.dicom``); ``body_crop``: crop to the body, padded
+    square (``body_crop``); ``standardize``: robust per-image intensity standardisation (``standardize``)."""
+
+    window: tuple[float, float] = (WINDOW_WIDTH, WINDOW_LEVEL)
+    body_crop: bool = False
+    standardize: bool = False
+
+
+@dataclass(frozen=True)
 class Augmentation:
     """The training augmentation of the crops beyond random cropping: ``cue_augment`` at strength ``cue``, then
     ``style_augment`` at strength ``style`` with spectrum band ``band`` (config keys cue-augment, style-augment,
     spectrum-band); the identity when both strengths are 0 (and then no random number is drawn)."""
 
-    cue: float = 0.0
-    style: float = 0.0
-    band: float = 0.1
+    cue: float
+    style: float
+    band: float
 
     def __call__(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 crops (B, 1, S, S) -> uint8 (B, 1, S, S)."""

@@ -27,6 +27,12 @@ FINAL_METRICS = "final_metrics.json"
 HISTORY_CSV = "metrics.csv"
 HISTORY_JSON = "metrics.json"
 CONFIG_JSON = "config.json"
+PROTOCOL_TEXT = {  # how each split protocol (config key protocol) splits a site, for reports
+    "grouped": "stratified K-fold with every patient (Site B) and near-duplicate cluster (Site A) in one part "
+               "(StratifiedGroupKFold); validation carved from the training folds the same way",
+    "image": "stratified K-fold over single images, as in the paper (near-duplicate slices can leak between parts)",
+    "official": "the manifest's train/val/test split (one split; fold is ignored)",
+}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from fl_covid.config import Config, ConfigError, load_config
+from fl_covid.config import Config, load_config
 from fl_covid.data import CLASSES, Site, data_licence
+from fl_covid.errors import ConfigError
 from fl_covid.model import COVIDNet, build_model, load_partial
 from fl_covid.reporting import atomic_write_bytes, write_json
 

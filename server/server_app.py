@@ -14,9 +14,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fl_covid import records as R
 from fl_covid.checkpoint import ServerState
-from fl_covid.config import TRUST_ENV, Config, federated_config, load_server_trust, to_json
+from fl_covid.config import Config, federated_config, to_json
 from fl_covid.federated import initial_shared
 from fl_covid.observe import emit
+from fl_covid.policy import TRUST_ENV, load_server_trust
 from fl_covid.privacy import privacy_report
 from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, write_csv, write_json
 from server.collect import send_and_collect

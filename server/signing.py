@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from flwr.app import Message, RecordDict
 
 from fl_covid import records as R
-from fl_covid.config import Config, ServerTrust
+from fl_covid.config import Config
+from fl_covid.policy import ServerTrust
 from fl_covid.trust import Instruction, NotTrusted, Reply, load_private_key, parse_public_key, sign, verify
 
 log = logging.getLogger(__name__)

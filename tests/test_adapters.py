@@ -16,9 +16,10 @@ from torch import nn
 
 from fl_covid import records as R
 from fl_covid.centralized import main as central_main
-from fl_covid.config import ConfigError, load_config
+from fl_covid.config import Config, load_config
 from fl_covid.data import load_configured_site, random_crops, to_input
 from fl_covid.engine import Chunk, evaluate, make_optimizer, train_steps
+from fl_covid.errors import ConfigError
 from fl_covid.federated import LocalState, shared_keys
 from fl_covid.losses import MSNetLoss
 from fl_covid.methods import METHODS, Method
@@ -316,13 +317,13 @@ def test_train_steps_adds_the_msnet_terms_and_refuses_them_without_auxiliary_bra
         expected = MSNetLoss(2.0, weight)(logit, torch.cat(aux), label)
     objective = Objective(msnet=MSNetLoss(2.0, weight))
     stats = train_steps(model, make_optimizer(model, 1e-3), lambda: chunks, 1, objective, image_size=SIZE,
-                        generator=torch.Generator().manual_seed(3))
+                        generator=torch.Generator().manual_seed(3), grad_clip=Config.grad_clip)
     assert stats["ce"] == pytest.approx(float(F.cross_entropy(logit, label)), rel=1e-5)
     assert stats["loss"] - stats["ce"] == pytest.approx(float(expected), rel=1e-4)
     plain = small().train()
     with pytest.raises(ValueError, match="no auxiliary branches"):
         train_steps(plain, make_optimizer(plain, 1e-3), lambda: chunks, 1, objective, image_size=SIZE,
-                    generator=torch.Generator().manual_seed(3))
+                    generator=torch.Generator().manual_seed(3), grad_clip=Config.grad_clip)
 
 
 # --- real runs -----------------------------------------------------------------------------------------------------

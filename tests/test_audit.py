@@ -13,14 +13,14 @@ from PIL import Image
 from scipy import ndimage
 
 from fl_covid.cues import blockiness, image_features
-from fl_covid.experiments.audit import (
+from fl_covid.experiments.audit import main
+from fl_covid.experiments.shortcuts import (
     BLOCK,
     FEATURES,
     SiteFeatures,
     _pseudo_patients,
     audit_pair,
     grouped_cv,
-    main,
     make_models,
     manifest_features,
     transfer_auc,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from fl_covid.checkpoint import ServerState, StateStore, load_tensors, tensor_digest
-from fl_covid.config import ConfigError, load_config
+from fl_covid.config import load_config
+from fl_covid.errors import ConfigError
 from fl_covid.federated import LocalState
 from fl_covid.prototypes import PrototypeBank
 

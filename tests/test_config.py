@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fl_covid.config import Config, ConfigError, federated_config, load_config, parse_overrides, project_root
+from fl_covid.config import PROTOCOLS, Config, federated_config, load_config, parse_overrides, project_root
+from fl_covid.errors import ConfigError
+from fl_covid.reporting import PROTOCOL_TEXT
 
 
 @pytest.mark.parametrize(
@@ -140,3 +142,7 @@ def test_the_in_process_run_config_refuses_unknown_keys() -> None:
 
     with pytest.raises(ConfigError, match=r"unknown run-config keys \['eval-every'\].*overrides"):
         default_run_config(**{"eval-every": 1})
+
+
+def test_every_split_protocol_is_described_for_reports() -> None:
+    assert set(PROTOCOL_TEXT) == set(PROTOCOLS)

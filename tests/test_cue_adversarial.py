@@ -106,7 +106,7 @@ def test_train_steps_adds_the_term_trains_the_head_and_refuses_a_model_without_o
     model = create_model("redesigned", 0.125, 2, image_size=SIZE, num_cues=len(CUE_TARGETS))
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("cue_head.")}
     objective = Objective(cue_adversarial=CueAdversarialLoss(1.0))
-    stats = train_steps(model, make_optimizer(model, 1e-3), _chunks, 2, objective, image_size=SIZE,
+    stats = train_steps(model, make_optimizer(model, 1e-3), _chunks, 2, objective, image_size=SIZE, grad_clip=5.0,
                         generator=torch.Generator().manual_seed(3))
     assert stats["loss"] > stats["ce"]  # the regression adds a positive term
     after = model.state_dict()
@@ -114,7 +114,7 @@ def test_train_steps_adds_the_term_trains_the_head_and_refuses_a_model_without_o
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(f"cue_head.heads.{site}."))
     plain = create_model("redesigned", 0.125, 2, image_size=SIZE)
     with pytest.raises(ValueError, match="no cue head"):
-        train_steps(plain, make_optimizer(plain, 1e-3), _chunks, 1, objective, image_size=SIZE,
+        train_steps(plain, make_optimizer(plain, 1e-3), _chunks, 1, objective, image_size=SIZE, grad_clip=5.0,
                     generator=torch.Generator().manual_seed(3))
 
 

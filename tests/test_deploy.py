@@ -43,6 +43,7 @@ from fl_covid.checkpoint import load_tensors, tensor_digest
 from fl_covid.config import project_root
 from fl_covid.experiments.federation import free_port
 from fl_covid.metrics import METRIC_NAMES
+from fl_covid.processes import alive, command_line, descendants
 from tests.conftest import SITE_A, SITE_B
 from tests.inprocess import run_dir as inprocess_run_dir
 from tests.inprocess import run_federation
@@ -197,45 +198,10 @@ SUPERNODE = "import sys; from flwr.supernode.cli import flower_supernode; sys.ar
 SUPEREXEC = "import sys\nfrom flwr.supercore.cli import flower_superexec\nsys.argv[0] = 'flower-superexec'\nflower_superexec()\n"
 
 
-def _children() -> dict[int, list[int]]:
-    """Parent PID -> child PIDs, from /proc."""
-    out: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] != "Z":
-            out.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    """``pid`` and every live process below it."""
-    children, out, todo = _children(), [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
-def alive(pids: list[int]) -> list[int]:
-    live = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            live.append(pid)
-    return live
-
-
 def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """Stop a process we started in its own session, its process group and every process below it (Flower's
     SuperExec runs in a session of its own), by PID; SIGKILL whatever is left after 15 s."""
-    pids = tree(proc.pid)
+    pids = descendants([proc.pid])
     for s in (sig, signal.SIGKILL):
         for pid in alive(pids):
             try:
@@ -406,7 +372,7 @@ class Federation:
     def stop_all(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
-        left = [p for proc in self.procs for p in alive(tree(proc.pid))]
+        left = [p for proc in self.procs for p in alive(descendants([proc.pid]))]
         assert not left, f"processes left running: {left}"
 
     def run(self, app: Path = REPO, **values: str) -> tuple[int, subprocess.Popen, Path]:
@@ -448,18 +414,11 @@ class Federation:
         stopped run's last messages may still be delivered and trained on."""
         deadline, calm_since = time.time() + timeout, time.time()
         while time.time() - calm_since < quiet:
-            if any("flwr-clientapp" in _cmdline(p) or "clients.guard" in _cmdline(p)
-                   for n in self.nodes.values() for p in tree(n.pid)):
+            if any("flwr-clientapp" in command_line(p) or "clients.guard" in command_line(p)
+                   for n in self.nodes.values() for p in descendants([n.pid])):
                 calm_since = time.time()
             assert time.time() < deadline, "a ClientApp is still running"
             time.sleep(0.2)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def wait_for(predicate, what: str, timeout: float = RUN_TIMEOUT, logs: tuple[Path, ...] = ()) -> None:

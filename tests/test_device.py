@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fl_covid import engine
+from fl_covid.config import Config
 from fl_covid.data import MEAN, STD, augment, random_crops, to_input
 from fl_covid.engine import Chunk, make_optimizer, predict, select_device, train_steps
 from fl_covid.losses import NTXentLoss
@@ -56,7 +57,8 @@ def test_bf16_autocast_keeps_float32_weights_and_float_results(alpha: float) -> 
         objective = Objective(NTXentLoss(0.05) if alpha > 0 else None, alpha,
                               (torch.nn.functional.normalize(torch.randn(2, 128), dim=1), torch.tensor([0, 1])))
         stats = train_steps(model, make_optimizer(model, 1e-3), lambda: [Chunk(0, images, labels)], 3, objective,
-                            image_size=SIZE, generator=torch.Generator().manual_seed(1), amp=amp)
+                            image_size=SIZE, generator=torch.Generator().manual_seed(1), amp=amp,
+                            grad_clip=Config.grad_clip)
         assert all(isinstance(v, float) and np.isfinite(v) for v in stats.values())
         assert all(p.dtype == torch.float32 for p in model.parameters())
         probs, z = predict(model, images, 0, SIZE, with_projections=True, amp=amp)
@@ -84,7 +86,7 @@ def test_nonfinite_loss_is_caught_at_the_next_check(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(engine, "FINITE_CHECK_EVERY", 4)
     with pytest.raises(FloatingPointError, match=r"within steps 0\.\.3"):
         train_steps(model, make_optimizer(model, 1e-3), next_batch, 10, Objective(), image_size=SIZE,
-                    generator=torch.Generator().manual_seed(1))
+                    generator=torch.Generator().manual_seed(1), grad_clip=Config.grad_clip)
     assert len(calls) == 4
     calls.clear()
     model = _model()
@@ -92,5 +94,5 @@ def test_nonfinite_loss_is_caught_at_the_next_check(monkeypatch: pytest.MonkeyPa
         model.classifier[-1].bias.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"within steps 0\.\.2"):  # fewer steps than the interval
         train_steps(model, make_optimizer(model, 1e-3), next_batch, 3, Objective(), image_size=SIZE,
-                    generator=torch.Generator().manual_seed(1))
+                    generator=torch.Generator().manual_seed(1), grad_clip=Config.grad_clip)
     assert len(calls) == 3

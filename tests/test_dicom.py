@@ -37,8 +37,9 @@ from pydicom.uid import (
 )
 
 from fl_covid.config import Config, load_config
-from fl_covid.data import CLASSES, DataError, check_no_leak, decode_image, load_configured_site, load_site, make_split
+from fl_covid.data import CLASSES, check_no_leak, decode_image, load_configured_site, load_site, make_split
 from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH, dicom_tags, read_dicom
+from fl_covid.errors import DataError
 from tests.conftest import write_manifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def test_syntax_whose_decoder_is_not_installed_names_the_packages() -> None:
     """JPEG Lossless needs pylibjpeg-libjpeg (or gdcm): hide pylibjpeg in a fresh interpreter."""
     path = get_testdata_file("SC_rgb_jpeg_gdcm.dcm")
     code = ("import sys; sys.modules['pylibjpeg'] = None\n"
-            "from fl_covid.data import DataError\nfrom fl_covid.dicom import read_dicom\n"
+            "from fl_covid.errors import DataError\nfrom fl_covid.dicom import read_dicom\n"
             f"try:\n    read_dicom({path!r})\nexcept DataError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -369,6 +370,7 @@ def test_dicom_site_groups_slices_by_patient(tmp_path: Path, manifest: bool) -> 
     for path, group in zip(site.paths, site.groups):
         groups.setdefault(owner[path], set()).add(group)
     assert all(len(g) == 1 for g in groups.values()) and len(set(site.groups)) == 12
+    assert list(site.patient_ids) == [owner[path] for path in site.paths]  # the headers' PatientID
     for fold in range(3):
         split = make_split(site, "grouped", folds=3, fold=fold, val_fraction=0.25)
         check_no_leak(site, split)
@@ -389,6 +391,7 @@ def test_manifest_patient_id_wins_over_the_dicom_tag(tmp_path: Path) -> None:
     write_manifest(tmp_path / "site" / "manifest.csv", rows)
     site = load_site(tmp_path / "site", 36)
     assert len(set(site.groups)) == 1  # the manifest ties every slice to one person
+    assert set(site.patient_ids) == {"same-person"}
 
 
 def test_configured_window_reaches_the_decoded_site(tmp_path: Path) -> None:

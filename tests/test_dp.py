@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from scipy import optimize, stats
 
 from fl_covid import records as R
-from fl_covid.config import ConfigError, load_config
+from fl_covid.config import load_config
+from fl_covid.errors import ConfigError
 from fl_covid.privacy import (
     PrivacyLedger,
     clip_rows,

@@ -14,8 +14,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fl_covid.centralized import run_central
 from fl_covid.config import load_config, project_root
-from fl_covid.data import DataError, Site, eval_input, load_site, make_split
+from fl_covid.data import Site, eval_input, load_site, make_split
 from fl_covid.engine import entropy_adapt_bn
+from fl_covid.errors import DataError
 from fl_covid.experiments.trained import TrainedRun
 from fl_covid.experiments.unseen import average_bn, evaluate_unseen, main, model_for_unseen
 from fl_covid.metrics import METRIC_NAMES

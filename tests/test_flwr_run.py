@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from fl_covid.experiments.federation import FlowerCLI, pids_mentioning
+from fl_covid.experiments.federation import FlowerCLI
 from fl_covid.metrics import METRIC_NAMES
+from fl_covid.processes import pids_mentioning
 
 
 @pytest.mark.slow

@@ -123,8 +123,9 @@ def test_candidates_are_never_anchors() -> None:
 def test_empty_candidates_are_ignored() -> None:
     labels = torch.tensor([0, 0, 1, 1])
     z = embeddings(4)
-    torch.testing.assert_close(NTXentLoss()(z, labels, torch.empty(0, 16, dtype=torch.float64),
-                                            torch.empty(0, dtype=torch.int64)), NTXentLoss()(z, labels))
+    loss = NTXentLoss(Config.temperature)
+    torch.testing.assert_close(loss(z, labels, torch.empty(0, 16, dtype=torch.float64),
+                                    torch.empty(0, dtype=torch.int64)), loss(z, labels))
 
 
 def test_gradient_is_finite_and_nonzero_and_candidates_get_none() -> None:
@@ -162,7 +163,7 @@ def test_temperature_must_be_positive(tau: float) -> None:
 )
 def test_shape_errors_raise(z, labels, cands, cand_labels) -> None:
     with pytest.raises(ValueError):
-        NTXentLoss()(z, labels, cands, cand_labels)
+        NTXentLoss(Config.temperature)(z, labels, cands, cand_labels)
 
 
 @pytest.mark.parametrize("weight", [1, 2, 5])
@@ -196,7 +197,7 @@ def test_msnet_loss_matches_a_reference() -> None:
             ce = float(-log_p_aux[np.arange(5), labels.numpy()].mean())
             assert float(MSNetLoss(t, w)(logits, aux, labels)) == pytest.approx(ce + w * t * t * kl, rel=1e-5)
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        MSNetLoss(0.0)
+        MSNetLoss(0.0, Config.msnet_weight)
 
 
 def test_proximal_term_and_its_gradient_match_the_definition() -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fl_covid.config import ConfigError, project_root
+from fl_covid.config import project_root
+from fl_covid.errors import ConfigError
 from fl_covid.experiments.federation import run_config_string
 from fl_covid.experiments.protocol import main, make_runner, parse_args
 

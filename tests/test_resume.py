@@ -12,7 +12,7 @@ import torch
 from flwr.app import Message
 
 from fl_covid.checkpoint import load_tensors
-from fl_covid.config import ConfigError
+from fl_covid.errors import ConfigError
 from server.strategy import NotEnoughSites
 from tests.conftest import SITE_A, SITE_B
 from tests.inprocess import run_dir, run_federation, shared_run

@@ -15,7 +15,8 @@ from flwr.app import Array, ArrayRecord, Message
 from fl_covid import records as R
 from fl_covid.algorithms.scaffold import CONTROL, DELTA, OWN, ControlCorrection, Scaffold
 from fl_covid.checkpoint import ServerState
-from fl_covid.config import Config, ConfigError
+from fl_covid.config import Config
+from fl_covid.errors import ConfigError
 from fl_covid.federated import LocalState
 from fl_covid.objective import StepOutput
 from tests.conftest import SITE_A, SITE_B

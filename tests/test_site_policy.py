@@ -16,7 +16,9 @@ from flwr.app import Array, ArrayRecord, Context, Message
 
 from clients import client_app
 from fl_covid import records as R
-from fl_covid.config import ConfigError, SitePolicy, load_config, load_site_policy, parse_node_config
+from fl_covid.config import load_config
+from fl_covid.errors import ConfigError
+from fl_covid.policy import SitePolicy, load_site_policy, parse_node_config
 from server.strategy import NotEnoughSites
 from tests.inprocess import copy_context, run_dir, run_federation, shared_run, wire
 

@@ -18,8 +18,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from clients import client_app
 from fl_covid import records as R
-from fl_covid.config import TRUST_ENV, ConfigError, load_server_trust, load_site_policy, parse_node_config
+from fl_covid.errors import ConfigError
 from fl_covid.experiments.federation import run_in_process
+from fl_covid.policy import TRUST_ENV, load_server_trust, load_site_policy, parse_node_config
 from fl_covid.trust import (
     Instruction,
     InstructionLog,

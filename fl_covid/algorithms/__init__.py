@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fl_covid.algorithms.base import Algorithm, LossTerm, Payload
 from fl_covid.algorithms.scaffold import Scaffold
-from fl_covid.config import Config, ConfigError
+from fl_covid.config import Config
+from fl_covid.errors import ConfigError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {"none": Algorithm, "scaffold": Scaffold}
 

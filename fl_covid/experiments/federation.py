@@ -37,7 +37,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from clients import client_app
-from fl_covid.config import ConfigError, project_root
+from fl_covid.config import project_root
+from fl_covid.errors import ConfigError
+from fl_covid.processes import pids_mentioning
 from server import server_app
 
 log = logging.getLogger(__name__)
@@ -138,19 +140,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def pids_mentioning(text: str) -> list[int]:
-    """PIDs (other than this one) whose command line contains ``text`` (Linux: reads /proc)."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit() and int(proc.name) != os.getpid():
-            try:
-                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
-                    out.append(int(proc.name))
-            except OSError:
-                continue
-    return out
 
 
 def run_config_string(values: dict[str, Any]) -> str:

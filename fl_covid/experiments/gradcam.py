@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fl_covid.cli import run_command
-from fl_covid.data import CLASSES, MEAN, STD, DataError, Site, Split, eval_input, load_configured_site
+from fl_covid.data import CLASSES, MEAN, STD, Site, Split, eval_input, load_configured_site
+from fl_covid.errors import DataError
 from fl_covid.experiments.trained import TrainedRun
 from fl_covid.reporting import save_figure
 

@@ -24,7 +24,6 @@ Grad-CAM map of the COVID logit per image. Research use only, not for diagnosis 
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from collections.abc import Sequence
@@ -37,9 +36,12 @@ import torch
 from tqdm import tqdm
 
 from fl_covid.cli import run_command
-from fl_covid.data import CLASSES, DataError, Preprocessing, decode_image, eval_input, is_dicom, is_image_file
+from fl_covid.data import CLASSES, decode_image, eval_input, is_dicom, is_image_file, read_manifest
+from fl_covid.dicom import dicom_tags
 from fl_covid.engine import predict, recalibrate_bn, select_device
+from fl_covid.errors import DataError
 from fl_covid.experiments.gradcam import grad_cam, plot_grid
+from fl_covid.preprocess import Preprocessing
 from fl_covid.reporting import write_csv, write_json
 from fl_covid.shift import ShiftCheck, check_shift, far_from_all, group_flags, image_columns, warning_text
 from fl_covid.site_model import load_site_model
@@ -85,11 +87,7 @@ def manifest_patient_ids(inputs: Sequence[str | Path]) -> dict[Path, str]:
         file = Path(item).expanduser() / "manifest.csv"
         if not file.is_file():
             continue
-        try:
-            with open(file, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
-        except (UnicodeDecodeError, csv.Error) as e:
-            raise DataError(f"{file} cannot be read as UTF-8 CSV ({e}); fix or remove it") from e
+        rows = read_manifest(file)
         if rows and not {"path", "patient_id"} <= set(rows[0]):
             log.warning("%s has no 'path' and 'patient_id' columns; not used for patient ids", file)
             continue
@@ -113,8 +111,6 @@ def decode_inputs(files: list[Path], cache_size: int, prep: Preprocessing, skip_
             log.warning("skipping unreadable image (--skip-unreadable): %s", e)
             return None, {}
         if is_dicom(path):
-            from fl_covid.dicom import dicom_tags
-
             return image, dicom_tags(path)
         return image, {}
 

@@ -32,20 +32,19 @@ from fl_covid.cli import run_command
 from fl_covid.config import (
     CENTRAL_ONLY_KEYS,
     FEDERATION_ONLY_KEYS,
-    PROTOCOL_TEXT,
     PROTOCOLS,
     Config,
-    ConfigError,
     load_config,
     parse_overrides,
     project_root,
     resolve_config_file,
     to_json,
 )
+from fl_covid.errors import ConfigError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
 from fl_covid.experiments.unseen import evaluate_unseen, parse_bn
 from fl_covid.methods import CENTRAL_METHODS, FEDERATED_METHODS, METHODS
-from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, write_json
+from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, PROTOCOL_TEXT, write_json
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,11 @@ import torch
 from scipy import stats
 
 from fl_covid.cli import run_command
-from fl_covid.config import PROTOCOL_TEXT, Config
+from fl_covid.config import Config
 from fl_covid.methods import METHODS
 from fl_covid.metrics import ROC_FPR_GRID
 from fl_covid.model import bn_keys, build_model, local_keys
-from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, atomic_write_bytes, save_figure, write_csv
+from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, PROTOCOL_TEXT, atomic_write_bytes, save_figure, write_csv
 
 OURS = "fedbn-proto"
 REFERENCES = (OURS, "contrastive")  # the methods every other row is tested against

@@ -22,7 +22,6 @@ summary with the batch test of the site's images as a whole.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -96,17 +95,6 @@ def model_for_unseen(run: TrainedRun, bn: str, site: Site | None = None, batch_s
     return model
 
 
-def _patient_ids(site: Site) -> list[str] | None:
-    """patient_id per image from the site's manifest, or None when it has no (non-empty) patient ids."""
-    file = site.root / "manifest.csv"
-    if not file.is_file():
-        return None
-    with open(file, newline="", encoding="utf-8-sig") as f:
-        ids = {row["path"].strip(): (row.get("patient_id") or "").strip() for row in csv.DictReader(f)}
-    out = [ids.get(p, "") for p in site.paths]
-    return out if any(out) else None
-
-
 def per_patient(site: Site, probs: np.ndarray, flagged: np.ndarray | None = None,
                 ) -> tuple[list[dict], dict[str, float] | None]:
     """Mean P(COVID) per patient_id (rows) and patient-level metrics; ([], None) without patient ids. With the
@@ -114,8 +102,8 @@ def per_patient(site: Site, probs: np.ndarray, flagged: np.ndarray | None = None
 
     Images without an id are left out; a patient whose images carry both labels is listed but not scored.
     """
-    ids = _patient_ids(site)
-    if ids is None:
+    ids = list(site.patient_ids)
+    if not any(ids):
         return [], None
     groups: dict[str, list[int]] = {}
     for i, pid in enumerate(ids):
@@ -161,8 +149,8 @@ def evaluate_unseen(run_dir: str | Path, data: str | Path, bn: str, out: str | P
                     device: str = "auto") -> Path:
     """Evaluate run ``run_dir`` on every image of the site folder ``data``; returns the output folder.
 
-    Writes final_metrics.json (one site, plus ``patient_level`` when the manifest has patient ids, and ``shift``),
-    predictions.csv, patients.csv (if patient ids) and roc.png into ``out``
+    Writes final_metrics.json (one site, plus ``patient_level`` when its images have patient ids, from the manifest
+    or the DICOM headers, and ``shift``), predictions.csv, patients.csv (if patient ids) and roc.png into ``out``
     (default ``RUN/unseen-<site>-<bn>``), and adds the AUC to each training site's model card.
     """
     run = TrainedRun.load(run_dir)
