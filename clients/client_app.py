@@ -33,7 +33,7 @@ from fl_covid.config import Config, NodeConfig, federated_config, parse_node_con
 from fl_covid.data import load_configured_site
 from fl_covid.engine import select_device
 from fl_covid.federated import LocalState, Received, SiteRunner
-from fl_covid.privacy import PrivacyLedger, noise_generator, release_digest, site_secret
+from fl_covid.privacy import BudgetExceeded, check_run_budget, release_noise
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.reporting import write_predictions
 from fl_covid.shift import shift_profile
@@ -52,11 +52,6 @@ from fl_covid.validation import check_instruction, check_prototypes
 
 app = ClientApp()
 log = logging.getLogger(__name__)
-
-
-# the settings a prototype release depends on besides the weights (its noise and ledger entry name them)
-RELEASE_SETTINGS = ("dp-epsilon", "dp-delta", "dp-clip", "min-prototype-images", "prototypes-per-class",
-                    "summary-images", "bn-recalibration", "image-size")
 
 
 class RunRefused(RuntimeError):
@@ -112,7 +107,7 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
             log.error("instruction refused before reading any data: %s", e)
             raise InstructionRefused("instruction refused: not signed by the operator for this site in order "
                                      "(reasons in the site's log)") from None
-        except RunRefused as e:
+        except (RunRefused, BudgetExceeded) as e:
             log.error("run refused by this site's policy: %s", e)
             raise RunRefused("run refused by the site's policy (reasons in the site's log)") from None
         except Exception:
@@ -160,14 +155,7 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
     if (folder / SITE_MODEL).exists() and (not train and bool(instruction.get(R.FINAL)) or node.deployed):
         raise RunRefused(f"run {folder.parent.name} is finished here: its final model in {folder / SITE_MODEL} "
                          "is written once")
-    if node.policy.dp_budget and config.spec.prototypes and config.dp_epsilon > 0:
-        ledger = _ledger(root, config.sites[index])
-        planned = {}
-        for rnd in filter(config.prototypes_due, range(1, config.num_server_rounds + 1)):
-            planned.update(ledger.planned(folder.parent.name, rnd, config.dp_epsilon, config.dp_delta))
-        if (total := ledger.epsilon(config.dp_delta, planned)) > node.policy.dp_budget:
-            raise RunRefused(f"the run's prototype releases would bring this site's total privacy loss to epsilon "
-                             f"{total:.3g} at delta {config.dp_delta}, above its dp-budget {node.policy.dp_budget}")
+    check_run_budget(config, root, config.sites[index], folder.parent.name, node.policy.dp_budget)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     runner = _site_runner(config, index, str(node.data_folder(config)))
@@ -183,28 +171,6 @@ def _check_run_identity(msg: Message, run_id: int, config: Config, folder: Path)
                          f"signed run {origin}")
     if origin != run_id and not folder.is_dir():  # (run ids are random: no order between runs)
         raise RunRefused(f"run {run_id} resumes run {origin}, which this site took no part in")
-
-
-def _noise(config: Config, node: NodeConfig, site: str, run: str, server_round: int, weights: str
-           ) -> torch.Generator:
-    """The DP noise of one prototype release, seeded by everything released; the release is recorded in the
-    site's ledger first, and refused when it would take the site beyond its dp-budget (a repeated release of a
-    round with other inputs is a new release)."""
-    root = node.state_root(config).resolve()
-    digest = release_digest(weights, {k: config.to_dict()[k] for k in RELEASE_SETTINGS})
-    ledger = _ledger(root, site)
-    release = ledger.release(run, server_round, config.dp_epsilon, config.dp_delta, digest)
-    if node.policy.dp_budget and not release.keys() <= ledger.releases.keys() and \
-            (total := ledger.epsilon(config.dp_delta, release)) > node.policy.dp_budget:
-        raise RunRefused(f"another prototype release would bring this site's total privacy loss to epsilon "
-                         f"{total:.3g}, above its dp-budget {node.policy.dp_budget}")
-    ledger.record(release)
-    return noise_generator(site_secret(root / f".noise-secret-{site}"), run, server_round, digest)
-
-
-def _ledger(root: Path, site: str) -> PrivacyLedger:
-    """The site's record of its prototype releases over all runs (its privacy budget)."""
-    return PrivacyLedger(root / f".privacy-ledger-{site}.json")
 
 
 def _received_weights(msg: Message, config: Config, runner: SiteRunner) -> dict[str, torch.Tensor]:
@@ -251,7 +217,8 @@ def summarise(msg: Message, context: Context) -> Message:
         raise ValueError("the shared weights from the server contain NaN or Inf")
     noise = None
     if config.dp_epsilon > 0 and prototypes_due:
-        noise = _noise(config, node, runner.site.name, folder.parent.name, server_round, R.weights_digest(flat))
+        noise = release_noise(config, node.state_root(config).resolve(), runner.site.name, folder.parent.name,
+                              server_round, R.weights_digest(flat), node.policy.dp_budget)
     summary = runner.summarise(R.unflatten(flat, runner.layout), LocalState.load(folder / SITE_STATE, server_round - 1),
                                server_round, evaluate_now, prototypes_due, noise)
     if not final:  # the train message of this round names these weights by their digest

@@ -32,12 +32,24 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from dp_accounting import dp_event, pld
 
 from fl_covid.reporting import write_json
+
+if TYPE_CHECKING:
+    from fl_covid.config import Config
+
+# the settings a prototype release depends on besides the weights (its noise and ledger entry name them)
+RELEASE_SETTINGS = ("dp-epsilon", "dp-delta", "dp-clip", "min-prototype-images", "prototypes-per-class",
+                    "summary-images", "bn-recalibration", "image-size")
+
+
+class BudgetExceeded(RuntimeError):
+    """Prototype releases would take a site's total privacy loss above its policy's ``dp-budget``."""
 
 
 def gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
@@ -140,6 +152,16 @@ def composed_epsilon(events: list[tuple[dp_event.DpEvent, int]], delta: float, l
     return float(accountant.get_epsilon(delta))
 
 
+def releases_through(config: Config, server_round: int) -> int:
+    """The prototype releases each site has made in rounds 1..``server_round`` (one per round of the schedule)."""
+    return sum(map(config.prototypes_due, range(1, server_round + 1)))
+
+
+def run_privacy_report(config: Config, server_round: int) -> dict[str, object]:
+    """``privacy_report`` of a run's releases after ``server_round`` (the server's ``privacy.json``)."""
+    return privacy_report(config.dp_epsilon, config.dp_delta, config.dp_clip, releases_through(config, server_round))
+
+
 def privacy_report(epsilon: float, delta: float, clip: float, releases: int) -> dict[str, object]:
     """Per-release and total guarantee of ``releases`` prototype releases by one site (one per round in which
     prototypes were due; JSON-friendly)."""
@@ -169,6 +191,11 @@ class PrivacyLedger:
         self.releases: dict[str, dict[str, float]] = (
             json.loads(self.file.read_text())["releases"] if self.file.is_file() else {})
 
+    @staticmethod
+    def of_site(root: Path, site: str) -> PrivacyLedger:
+        """The ledger of ``site`` in its state root (``<root>/.privacy-ledger-<site>.json``)."""
+        return PrivacyLedger(Path(root) / f".privacy-ledger-{site}.json")
+
     def epsilon(self, delta: float, planned: dict[str, dict[str, float]] | None = None) -> float:
         """The total epsilon at ``delta`` of every recorded release and the ``planned`` ones (``planned``, keyed
         by run and round, counts only rounds without a recorded release)."""
@@ -195,3 +222,35 @@ class PrivacyLedger:
     def record(self, releases: dict[str, dict[str, float]]) -> None:
         self.releases.update(releases)
         write_json(self.file, {"releases": self.releases})
+
+
+def check_run_budget(config: Config, root: Path, site: str, run: str, budget: float) -> None:
+    """Before a site works on a run: BudgetExceeded when the run's planned prototype releases (one per round of its
+    schedule that has no recorded release yet) would bring the site's total privacy loss above ``budget`` (the
+    policy's ``dp-budget``; 0 = no bound). Runs without DP prototypes spend nothing."""
+    if not budget or not config.spec.prototypes or config.dp_epsilon <= 0:
+        return
+    ledger = PrivacyLedger.of_site(root, site)
+    planned: dict[str, dict[str, float]] = {}
+    for rnd in filter(config.prototypes_due, range(1, config.num_server_rounds + 1)):
+        planned.update(ledger.planned(run, rnd, config.dp_epsilon, config.dp_delta))
+    if (total := ledger.epsilon(config.dp_delta, planned)) > budget:
+        raise BudgetExceeded(f"the run's prototype releases would bring this site's total privacy loss to epsilon "
+                             f"{total:.3g} at delta {config.dp_delta}, above its dp-budget {budget}")
+
+
+def release_noise(config: Config, root: Path, site: str, run: str, server_round: int, weights_digest: str,
+                  budget: float) -> torch.Generator:
+    """The DP noise of one prototype release of ``site`` (state root ``root``), seeded by everything released
+    (``release_digest`` of the received weights' digest and ``RELEASE_SETTINGS``). The release is recorded in the
+    site's ledger first; BudgetExceeded when it would take the site beyond ``budget`` (0 = no bound). The same
+    release asked again is not counted again; a release of the round with other inputs is a new release."""
+    digest = release_digest(weights_digest, {k: config.to_dict()[k] for k in RELEASE_SETTINGS})
+    ledger = PrivacyLedger.of_site(root, site)
+    release = ledger.release(run, server_round, config.dp_epsilon, config.dp_delta, digest)
+    if budget and not release.keys() <= ledger.releases.keys() and \
+            (total := ledger.epsilon(config.dp_delta, release)) > budget:
+        raise BudgetExceeded(f"another prototype release would bring this site's total privacy loss to epsilon "
+                             f"{total:.3g}, above its dp-budget {budget}")
+    ledger.record(release)
+    return noise_generator(site_secret(Path(root) / f".noise-secret-{site}"), run, server_round, digest)

@@ -17,7 +17,7 @@ from fl_covid.checkpoint import ServerState
 from fl_covid.config import TRUST_ENV, Config, federated_config, load_server_trust, to_json
 from fl_covid.federated import initial_shared
 from fl_covid.observe import emit
-from fl_covid.privacy import privacy_report
+from fl_covid.privacy import run_privacy_report
 from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, write_csv, write_json
 from server.collect import send_and_collect
 from server.signing import Signing
@@ -113,9 +113,7 @@ def run_rounds(grid: Grid, strategy: SitesMixin, config: Config, run: Run, layou
         replies = send_and_collect(grid, strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout)
         arrays, _ = strategy.aggregate_train(rnd, replies)
         if config.dp_epsilon > 0:  # the guarantee spent so far by each site's prototype releases
-            releases = sum(map(config.prototypes_due, range(1, rnd + 1)))
-            write_json(run.dir / PRIVACY_JSON,
-                       privacy_report(config.dp_epsilon, config.dp_delta, config.dp_clip, releases))
+            write_json(run.dir / PRIVACY_JSON, run_privacy_report(config, rnd))
         ServerState(rnd, R.unflatten(arrays[R.FLAT].numpy(), layout), strategy.bank, run.writer.rows,
                     config.to_dict(), strategy.optimizer_state()).save(run.dir / CHECKPOINT)
         round_seconds[str(rnd)] = time.perf_counter() - started
