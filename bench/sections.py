@@ -43,7 +43,7 @@ from fl_covid.federated import LocalState, Received, SiteRunner, initial_shared
 from fl_covid.methods import FEDERATED_METHODS
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.validation import check_metrics, check_prototypes, check_update
+from fl_covid.validation import check_bank, check_metrics, check_update, max_prototype_rows
 from server.strategy import build_strategy
 
 SMOKE = "configs/smoke.yaml"
@@ -279,14 +279,11 @@ def components(b: Bench) -> dict[str, float]:
     out["check_update"] = _ms(lambda: check_update(flat, 10.0, held))
     out["check_reply_metrics"] = _ms(lambda: check_metrics(metrics, R.TRAIN_REPLY_METRICS))
     if cfg.spec.prototypes:
-        dim, rows = runner.model.proj_dim, 2 * cfg.prototypes_per_class * len(cfg.sites)
+        dim, rows = runner.model.proj_dim, max_prototype_rows(cfg, len(cfg.sites))
         record = R.bank_to_record(_bank(len(cfg.sites), cfg.prototypes_per_class, dim))
 
         def read_and_check() -> str | None:
-            bank = R.read_bank(record, dim, rows)
-            return check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
-                                    bank.counts.numpy(), dim=dim, num_classes=2, num_sites=len(cfg.sites),
-                                    max_rows=rows, min_count=cfg.min_prototype_images)
+            return check_bank(R.read_bank(record, dim, rows), cfg, dim, rows)
 
         out["prototype_bank_read_and_check"] = _ms(read_and_check)
     out["site_state_save"] = _ms(lambda: local.save(work / "site-state"))

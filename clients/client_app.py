@@ -48,7 +48,7 @@ from fl_covid.trust import (
     sign,
     verify,
 )
-from fl_covid.validation import check_instruction, check_prototypes
+from fl_covid.validation import check_bank, check_instruction, max_prototype_rows
 
 app = ClientApp()
 log = logging.getLogger(__name__)
@@ -185,11 +185,9 @@ def _received_bank(msg: Message, config: Config, runner: SiteRunner) -> Prototyp
     """The prototype bank the server sent, checked (size, dimension, labels, sites, counts, unit rows)."""
     if R.PROTOTYPES not in msg.content:
         return None
-    rows = len(config.sites) * 2 * config.prototypes_per_class
-    bank = R.read_bank(msg.content[R.PROTOTYPES], runner.model.proj_dim, rows)
-    if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(), bank.counts.numpy(),
-                                  dim=runner.model.proj_dim, num_classes=2, num_sites=len(config.sites),
-                                  max_rows=rows, min_count=config.min_prototype_images):
+    dim, rows = runner.model.proj_dim, max_prototype_rows(config, len(config.sites))
+    bank = R.read_bank(msg.content[R.PROTOTYPES], dim, rows)
+    if reason := check_bank(bank, config, dim, rows):
         raise ValueError(f"prototype bank from the server: {reason}")
     return bank
 

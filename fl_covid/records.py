@@ -60,7 +60,7 @@ VAL_METRICS = tuple(f"val_{m}" for m in METRIC_NAMES)  # the validation split's 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
 SUMMARY_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID)  # + EVALUATION_METRICS when an evaluation was asked for
 EVALUATION_METRICS = (*METRIC_NAMES, *VAL_METRICS, ROC_TPR)
-# prototype record keys
+# prototype record keys: the fields of a PrototypeBank (``PrototypeBank.tensors``)
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 
 
@@ -165,7 +165,8 @@ def read_payload(record: object, names: tuple[str, ...], size: int) -> dict[str,
 
 
 def bank_to_record(bank: PrototypeBank) -> ArrayRecord:
-    return to_record({P_VECTORS: bank.vectors, P_LABELS: bank.labels, P_SITES: bank.sites, P_COUNTS: bank.counts})
+    """A prototype bank as the record that carries it, one array per field (``PrototypeBank.tensors``)."""
+    return to_record(bank.tensors())
 
 
 def checked_array(record: ArrayRecord, name: str, shape: tuple[int, ...], dtypes: tuple[np.dtype, ...]
@@ -206,9 +207,9 @@ def read_bank(record: object, dim: int, max_rows: int) -> PrototypeBank:
     rows = vectors.shape[0] if isinstance(vectors, Array) and len(vectors.shape) == 2 else -1
     if not 0 <= rows <= max_rows:
         raise ValueError(f"prototype record has {rows} rows, at most {max_rows} expected")
-    v = checked_array(record, P_VECTORS, (rows, dim), (np.dtype(np.float32),))
-    ints = [checked_array(record, k, (rows,), (np.dtype(np.int64),)) for k in (P_LABELS, P_SITES, P_COUNTS)]
-    return PrototypeBank(*(torch.from_numpy(a.copy()) for a in (v, *ints)))
+    arrays = {P_VECTORS: checked_array(record, P_VECTORS, (rows, dim), (np.dtype(np.float32),)),
+              **{k: checked_array(record, k, (rows,), (np.dtype(np.int64),)) for k in (P_LABELS, P_SITES, P_COUNTS)}}
+    return PrototypeBank.from_tensors({k: torch.from_numpy(a.copy()) for k, a in arrays.items()})
 
 
 def content_digest(content: RecordDict) -> str:

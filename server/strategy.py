@@ -25,13 +25,19 @@ from fl_covid.config import Config
 from fl_covid.engine import cosine_lr
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.validation import check_metrics, check_num_examples, check_prototypes, check_update, remote_text
+from fl_covid.validation import (
+    check_bank,
+    check_metrics,
+    check_num_examples,
+    check_update,
+    max_prototype_rows,
+    remote_text,
+)
 from server.signing import Signing
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, float | int | str]
-NUM_CLASSES = 2
 
 
 class NotEnoughSites(RuntimeError):
@@ -103,11 +109,6 @@ class SitesMixin:
             out[f"momentum_vector.{i}"] = torch.from_numpy(np.ascontiguousarray(v))
         out.update({f"algorithm.{k}": v for k, v in self.algorithm.state().items()})
         return out
-
-    @property
-    def max_prototype_rows(self) -> int:
-        """Rows one site may send: ``prototypes-per-class`` per class."""
-        return NUM_CLASSES * self.config.prototypes_per_class
 
     # -- messages ------------------------------------------------------------------------------------------------
 
@@ -257,14 +258,12 @@ class SitesMixin:
             return None, {}
         if R.PROTOTYPES not in content:
             return "no prototypes record", {}
+        rows = max_prototype_rows(self.config)
         try:
-            bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, self.max_prototype_rows)
+            bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, rows)
         except ValueError as e:
             return str(e), {}
-        if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
-                                      bank.counts.numpy(), dim=self.proj_dim, num_classes=NUM_CLASSES,
-                                      num_sites=len(self.config.sites), max_rows=self.max_prototype_rows,
-                                      min_count=self.config.min_prototype_images):
+        if reason := check_bank(bank, self.config, self.proj_dim, rows):
             return reason, {}
         if bank.sites.ne(site_id).any():
             return f"prototype record must hold prototypes of site-id {site_id} only", {}
