@@ -44,6 +44,20 @@ class NotEnoughSites(RuntimeError):
     """Fewer sites answered a round than the configured minimum."""
 
 
+def _without_metrics(content: RecordDict) -> str | None:
+    """Why a reply has no metric record (where its site id and example count must be)."""
+    return None if isinstance(content.get(R.METRICS), MetricRecord) else "no metrics record"
+
+
+def _unsound_metrics(metrics: MetricRecord, train: bool, evaluated: bool) -> str | None:
+    """Why a reply's metrics are not those of its kind (training; a summary, with an evaluation when one was asked
+    for), each a finite number, with a sound example count."""
+    expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
+                                                                              else ())
+    return (check_metrics(metrics, expected, {R.ROC_TPR: ROC_POINTS} if evaluated else {})
+            or check_num_examples(metrics[R.NUM_EXAMPLES]))
+
+
 def _mean_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean of scalar metrics over the accepted replies, without the site id and list-valued metrics."""
     mrs = [c[R.METRICS] for c in contents]
@@ -199,63 +213,83 @@ class SitesMixin:
 
     def _verdict(self, msg: Message, server_round: int, train: bool, evaluated: bool = False
                  ) -> tuple[str | None, dict]:
-        """(why the reply must be rejected or None, what was decoded: weights or prototypes)."""
+        """(why the reply must be rejected or None, what was decoded: weights and payload, or prototypes). The
+        identity and the records are judged before anything is decoded."""
         if msg.has_error():
             return f"failed: {remote_text(msg.error.reason)}", {}
-        if self.signing is not None:
-            instruction = next((m for m in self.sent if m.metadata.message_id == msg.metadata.reply_to_message_id),
-                               None)
-            if reason := self.signing.check_reply(msg, instruction):
-                return reason, {}
         content = msg.content
-        metrics = content.get(R.METRICS)
-        if not isinstance(metrics, MetricRecord):
-            return "no metrics record", {}
-        site_id = metrics.get(R.SITE_ID)
+        prototypes = not train and self.config.prototypes_due(server_round)
+        if reason := (self._unsigned(msg) or _without_metrics(content) or self._not_its_site(msg)
+                      or self._unexpected_records(content, train, prototypes)
+                      or _unsound_metrics(content[R.METRICS], train, evaluated)):
+            return reason, {}
+        if train:
+            return self._decoded_training(content)
+        if prototypes:
+            return self._decoded_prototypes(content)
+        return None, {}
+
+    def _unsigned(self, msg: Message) -> str | None:
+        """Why a deployment's reply is not the signed answer of the site to the instruction it names."""
+        if self.signing is None:
+            return None
+        instruction = next((m for m in self.sent if m.metadata.message_id == msg.metadata.reply_to_message_id), None)
+        return self.signing.check_reply(msg, instruction)
+
+    def _not_its_site(self, msg: Message) -> str | None:
+        """Why the site id a reply claims is not its node's: out of range, another site than the node is pinned
+        to, or the site of another node."""
+        site_id = msg.content[R.METRICS].get(R.SITE_ID)
         if not isinstance(site_id, int) or isinstance(site_id, bool) or not 0 <= site_id < len(self.config.sites):
-            return f"site-id {remote_text(site_id)} is not one of 0..{len(self.config.sites) - 1}", {}
+            return f"site-id {remote_text(site_id)} is not one of 0..{len(self.config.sites) - 1}"
         node = msg.metadata.src_node_id
         pinned = self.site_of_node.get(node)
         if pinned is not None and pinned != site_id:
-            return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}", {}
+            return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}"
         if pinned is None and site_id in self.site_of_node.values():
-            return f"site-id {site_id} belongs to another node", {}
-        prototypes = not train and self.config.prototypes_due(server_round)
+            return f"site-id {site_id} belongs to another node"
+        return None
+
+    def _unexpected_records(self, content: RecordDict, train: bool, prototypes: bool) -> str | None:
+        """Why a reply holds records other than those of its kind (metrics; weights and the method's payload after
+        training; prototypes when due; the signature in a deployment)."""
         allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set()) | (
             {R.SIGNATURE} if self.signing is not None else set()) | (
             {R.PAYLOAD} if train and self.algorithm.site_sends else set())
         if unexpected := set(content.keys()) - allowed:
-            return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
-        expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
-                                                                                  else ())
-        if reason := check_metrics(metrics, expected, {R.ROC_TPR: ROC_POINTS} if evaluated else {}):
+            return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})"
+        return None
+
+    def _decoded_training(self, content: RecordDict) -> tuple[str | None, dict]:
+        """A training reply's weights (float32 (N,), whatever the transfer) and the method's payload, or why they
+        are rejected: a dataset size that changed within the run, a missing or malformed record, NaN or Inf, an
+        update beyond max-update-norm."""
+        metrics = content[R.METRICS]
+        known = self.dataset_sizes.get(int(metrics[R.SITE_ID]))
+        if known is not None and known != metrics[R.NUM_EXAMPLES]:
+            return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
+        if R.WEIGHTS not in content:
+            return "no weights record", {}
+        try:
+            if self.config.compression == "int8":  # the change the site's training made
+                flat = self.sent_flat + R.read_difference(content[R.WEIGHTS], self.size)
+            else:
+                flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
+        except ValueError as e:
+            return str(e), {}
+        if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
             return reason, {}
-        if reason := check_num_examples(metrics[R.NUM_EXAMPLES]):
-            return reason, {}
-        if train:
-            known = self.dataset_sizes.get(site_id)
-            if known is not None and known != metrics[R.NUM_EXAMPLES]:
-                return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
-            if R.WEIGHTS not in content:
-                return "no weights record", {}
-            try:
-                if self.config.compression == "int8":  # the change the site's training made
-                    flat = self.sent_flat + R.read_difference(content[R.WEIGHTS], self.size)
-                else:
-                    flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
-            except ValueError as e:
-                return str(e), {}
-            if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
-                return reason, {}
-            if not self.algorithm.site_sends:
-                return None, {"weights": flat}
-            try:
-                payload = R.read_payload(content.get(R.PAYLOAD), self.algorithm.site_sends, self.size)
-            except ValueError as e:
-                return str(e), {}
-            return None, {"weights": flat, "payload": payload}
-        if not prototypes:
-            return None, {}
+        if not self.algorithm.site_sends:
+            return None, {"weights": flat}
+        try:
+            payload = R.read_payload(content.get(R.PAYLOAD), self.algorithm.site_sends, self.size)
+        except ValueError as e:
+            return str(e), {}
+        return None, {"weights": flat, "payload": payload}
+
+    def _decoded_prototypes(self, content: RecordDict) -> tuple[str | None, dict]:
+        """A summary reply's prototypes, or why they are rejected: a missing or malformed record, rows that fail
+        ``check_bank``, rows of another site than the reply's."""
         if R.PROTOTYPES not in content:
             return "no prototypes record", {}
         rows = max_prototype_rows(self.config)
@@ -265,6 +299,7 @@ class SitesMixin:
             return str(e), {}
         if reason := check_bank(bank, self.config, self.proj_dim, rows):
             return reason, {}
+        site_id = int(content[R.METRICS][R.SITE_ID])
         if bank.sites.ne(site_id).any():
             return f"prototype record must hold prototypes of site-id {site_id} only", {}
         return None, {"bank": bank}
