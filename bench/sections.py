@@ -43,6 +43,7 @@ from fl_covid.federated import LocalState, Received, SiteRunner, initial_shared
 from fl_covid.methods import FEDERATED_METHODS
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
+from fl_covid.transport import quantize, weights_digest
 from fl_covid.validation import check_bank, check_metrics, check_update, max_prototype_rows
 from server.strategy import build_strategy
 
@@ -259,12 +260,12 @@ def components(b: Bench) -> dict[str, float]:
         "site_model_build": _ms(lambda: SiteRunner(cfg, 0, site, split, torch.device("cpu"))),
         "flatten": _ms(lambda: R.flatten(shared, runner.layout)),
         "unflatten": _ms(lambda: R.unflatten(flat, runner.layout)),
-        "weights_digest": _ms(lambda: R.weights_digest(flat)),
+        "weights_digest": _ms(lambda: weights_digest(flat)),
     }
     for c in COMPRESSIONS:
         if c == "int8":  # a difference from the weights the other side holds, error fed back by the caller
-            record = R.difference_record(*R.quantize(flat - held))
-            out["encode_int8"] = _ms(lambda: R.difference_record(*R.quantize(flat - held)))
+            record = R.difference_record(*quantize(flat - held))
+            out["encode_int8"] = _ms(lambda: R.difference_record(*quantize(flat - held)))
             out["decode_int8"] = _ms(lambda record=record: held + R.read_difference(record, size))
         else:
             record = R.weights_record(flat, c)
@@ -343,7 +344,7 @@ def round_bytes(config: Config, num_sites: int) -> dict[str, Any]:
             content[R.PROTOTYPES] = R.bank_to_record(_bank(1, config.prototypes_per_class, proj_dim))
         replies["summary_reply"] = Message(content, reply_to=sent["summary"])
     trained = flat + rng.normal(0, 1e-3, len(flat)).astype(np.float32)
-    weights = (R.difference_record(*R.quantize(trained - flat)) if config.compression == "int8"
+    weights = (R.difference_record(*quantize(trained - flat)) if config.compression == "int8"
                else R.weights_record(trained, config.compression))
     content = RecordDict({
         R.WEIGHTS: weights,

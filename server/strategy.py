@@ -25,6 +25,7 @@ from fl_covid.config import Config
 from fl_covid.engine import cosine_lr
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
+from fl_covid.transport import SitesCopy, sends_differences, weights_digest
 from fl_covid.validation import (
     check_bank,
     check_metrics,
@@ -89,9 +90,8 @@ class SitesMixin:
         pins = signing.pins if signing is not None else config.pinned_nodes  # the trust file's pins win
         self.site_of_node: dict[int, int] = {node: site for site, node in pins.items()}
         self.dataset_sizes: dict[int, int] = {}  # site id -> num-examples of its first accepted training reply
-        self.sent_flat = np.zeros(0, np.float32)  # the weights of the last train message: max-update-norm's reference
+        self.sites_copy = SitesCopy(config.compression)  # the weights the sites hold and train from
         self.summary = (0, "")  # (round, digest of the weights as the sites hold them) of the last summary message
-        self.held: np.ndarray | None = None  # the global weights as the sites hold them (float32), once sent
         self.sent: list[Message] = []  # messages of the last configure_* (the grid sets their ids on sending)
         self.on_row = on_row or (lambda kind, row: None)
         self.on_aggregated = on_aggregated or (lambda server_round, strategy: None)
@@ -168,16 +168,12 @@ class SitesMixin:
         config[R.EVALUATE] = self.evaluation_due(server_round - 1)
         config[R.PROTOTYPES_DUE] = self.config.prototypes_due(server_round)
         flat = arrays[R.FLAT].numpy().astype(np.float32)  # server optimizers may hand back float64
-        compression = self.config.compression
-        if compression == "int8" and self.held is not None:  # the change since the sites' copy, error fed back
-            q, scales = R.quantize(flat - self.held)
-            config[R.BASE] = R.weights_digest(self.held)
-            weights, self.held = R.difference_record(q, scales), self.held + R.dequantize(q, scales)
-        else:
-            weights, self.held = R.weights_record(flat, compression), R.as_received(flat, compression)
-        self.summary = (server_round, R.weights_digest(self.held))
+        transfer, base = self.sites_copy.summary(flat)
+        if base is not None:  # int8: the change since the copy the sites hold, with this digest
+            config[R.BASE] = base
+        self.summary = (server_round, weights_digest(self.sites_copy.held))
         messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._finish_messages(messages, weights, bank=False)
+        return self._finish_messages(messages, R.transfer_record(transfer), bank=False)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -186,14 +182,11 @@ class SitesMixin:
         flat = arrays[R.FLAT].numpy().astype(np.float32)  # FedOpt keeps what it sent: float32
         arrays = R.weights_record(flat)
         summarised = self.summary[0] == server_round
-        weights = None
-        if summarised:
+        if summarised:  # the sites train from the summary's weights, named by their digest
             config[R.DIGEST] = self.summary[1]
-        else:  # compression none or fp16: the weights travel with the train message
-            weights, self.held = R.weights_record(flat, self.config.compression), \
-                R.as_received(flat, self.config.compression)
-        self.sent_flat = self.held  # what every site trains from: the reference of replies and max-update-norm
+        transfer = self.sites_copy.train(None if summarised else flat)
         messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        weights = R.transfer_record(transfer) if transfer is not None else None
         return self._finish_messages(messages, weights, bank=self.config.spec.prototypes,
                                      payload=self.algorithm.server_payload())
 
@@ -270,14 +263,13 @@ class SitesMixin:
             return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
         if R.WEIGHTS not in content:
             return "no weights record", {}
+        compression = self.config.compression
         try:
-            if self.config.compression == "int8":  # the change the site's training made
-                flat = self.sent_flat + R.read_difference(content[R.WEIGHTS], self.size)
-            else:
-                flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
+            flat = self.sites_copy.reply(R.read_transfer(content[R.WEIGHTS], self.size, compression,
+                                                         difference=sends_differences(compression)))
         except ValueError as e:
             return str(e), {}
-        if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
+        if reason := check_update(flat, self.config.max_update_norm, self.sites_copy.trained_from):
             return reason, {}
         if not self.algorithm.site_sends:
             return None, {"weights": flat}
