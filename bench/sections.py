@@ -42,6 +42,7 @@ from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_co
 from fl_covid.federated import LocalState, Received, SiteRunner, initial_shared
 from fl_covid.methods import FEDERATED_METHODS
 from fl_covid.metrics import ROC_POINTS
+from fl_covid.privacy import gdp_mu, privacy_report
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.transport import quantize, weights_digest
 from fl_covid.validation import check_bank, check_metrics, check_update, max_prototype_rows
@@ -295,6 +296,8 @@ def components(b: Bench) -> dict[str, float]:
     history = [{"phase": "train", "round": 1, "site": s, "loss": 0.5} for s in cfg.sites] * 10
     out["server_checkpoint_save"] = _ms(lambda: ServerState(1, shared, _bank(len(cfg.sites), 1, 128), history,
                                                             cfg.to_dict()).save(work / "server"))
+    out["privacy_report_dp_epsilon_50_105_releases"] = _ms(lambda: (gdp_mu.cache_clear(),  # calibration included
+                                                                    privacy_report(50.0, 1e-5, 1.0, 105)))
     out["summary_pass_with_evaluation"] = round(1000 * summary_seconds(cfg, site, split), 1)
     out["summary_pass_without_evaluation"] = round(1000 * summary_seconds(cfg, site, split, evaluate_now=False), 1)
     return out
