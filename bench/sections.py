@@ -43,8 +43,10 @@ from fl_covid.federated import LocalState, Received, SiteRunner, initial_shared
 from fl_covid.methods import FEDERATED_METHODS
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.processes import process_table
+from fl_covid.privacy import gdp_mu, privacy_report
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.validation import check_metrics, check_prototypes, check_update
+from fl_covid.transport import quantize, weights_digest
+from fl_covid.validation import check_bank, check_metrics, check_update, max_prototype_rows
 from server.strategy import build_strategy
 
 SMOKE = "configs/smoke.yaml"
@@ -260,12 +262,12 @@ def components(b: Bench) -> dict[str, float]:
         "site_model_build": _ms(lambda: SiteRunner(cfg, 0, site, split, torch.device("cpu"))),
         "flatten": _ms(lambda: R.flatten(shared, runner.layout)),
         "unflatten": _ms(lambda: R.unflatten(flat, runner.layout)),
-        "weights_digest": _ms(lambda: R.weights_digest(flat)),
+        "weights_digest": _ms(lambda: weights_digest(flat)),
     }
     for c in COMPRESSIONS:
         if c == "int8":  # a difference from the weights the other side holds, error fed back by the caller
-            record = R.difference_record(*R.quantize(flat - held))
-            out["encode_int8"] = _ms(lambda: R.difference_record(*R.quantize(flat - held)))
+            record = R.difference_record(*quantize(flat - held))
+            out["encode_int8"] = _ms(lambda: R.difference_record(*quantize(flat - held)))
             out["decode_int8"] = _ms(lambda record=record: held + R.read_difference(record, size))
         else:
             record = R.weights_record(flat, c)
@@ -280,14 +282,11 @@ def components(b: Bench) -> dict[str, float]:
     out["check_update"] = _ms(lambda: check_update(flat, 10.0, held))
     out["check_reply_metrics"] = _ms(lambda: check_metrics(metrics, R.TRAIN_REPLY_METRICS))
     if cfg.spec.prototypes:
-        dim, rows = runner.model.proj_dim, 2 * cfg.prototypes_per_class * len(cfg.sites)
+        dim, rows = runner.model.proj_dim, max_prototype_rows(cfg, len(cfg.sites))
         record = R.bank_to_record(_bank(len(cfg.sites), cfg.prototypes_per_class, dim))
 
         def read_and_check() -> str | None:
-            bank = R.read_bank(record, dim, rows)
-            return check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
-                                    bank.counts.numpy(), dim=dim, num_classes=2, num_sites=len(cfg.sites),
-                                    max_rows=rows, min_count=cfg.min_prototype_images)
+            return check_bank(R.read_bank(record, dim, rows), cfg, dim, rows)
 
         out["prototype_bank_read_and_check"] = _ms(read_and_check)
     out["site_state_save"] = _ms(lambda: local.save(work / "site-state"))
@@ -298,6 +297,8 @@ def components(b: Bench) -> dict[str, float]:
     history = [{"phase": "train", "round": 1, "site": s, "loss": 0.5} for s in cfg.sites] * 10
     out["server_checkpoint_save"] = _ms(lambda: ServerState(1, shared, _bank(len(cfg.sites), 1, 128), history,
                                                             cfg.to_dict()).save(work / "server"))
+    out["privacy_report_dp_epsilon_50_105_releases"] = _ms(lambda: (gdp_mu.cache_clear(),  # calibration included
+                                                                    privacy_report(50.0, 1e-5, 1.0, 105)))
     out["summary_pass_with_evaluation"] = round(1000 * summary_seconds(cfg, site, split), 1)
     out["summary_pass_without_evaluation"] = round(1000 * summary_seconds(cfg, site, split, evaluate_now=False), 1)
     return out
@@ -347,7 +348,7 @@ def round_bytes(config: Config, num_sites: int) -> dict[str, Any]:
             content[R.PROTOTYPES] = R.bank_to_record(_bank(1, config.prototypes_per_class, proj_dim))
         replies["summary_reply"] = Message(content, reply_to=sent["summary"])
     trained = flat + rng.normal(0, 1e-3, len(flat)).astype(np.float32)
-    weights = (R.difference_record(*R.quantize(trained - flat)) if config.compression == "int8"
+    weights = (R.difference_record(*quantize(trained - flat)) if config.compression == "int8"
                else R.weights_record(trained, config.compression))
     content = RecordDict({
         R.WEIGHTS: weights,

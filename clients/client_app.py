@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,29 +17,20 @@ from typing import Any
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fl_covid import records as R
-from fl_covid.checkpoint import (
-    PREDICTIONS_CSV,
-    RECEIVED,
-    SITE_MODEL,
-    SITE_STATE,
-    VAL_PREDICTIONS_CSV,
-    prune_site_states,
-    site_folder,
-)
+from fl_covid.algorithms import Payload
+from fl_covid.checkpoint import RECEIVED, SITE_MODEL, prune_site_states, site_folder
 from fl_covid.config import Config, federated_config
 from fl_covid.data import load_configured_site
 from fl_covid.engine import select_device
-from fl_covid.federated import LocalState, Received, SiteRunner
+from fl_covid.federated import Received, SiteRunner
 from fl_covid.policy import NodeConfig, parse_node_config
-from fl_covid.privacy import PrivacyLedger, noise_generator, release_digest, site_secret
+from fl_covid.privacy import BudgetExceeded, check_run_budget, release_noise
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.reporting import write_predictions
-from fl_covid.shift import shift_profile
-from fl_covid.site_model import model_card, save_site_model
+from fl_covid.transport import site_received, weights_digest
 from fl_covid.trust import (
     Instruction,
     InstructionLog,
@@ -49,15 +41,10 @@ from fl_covid.trust import (
     sign,
     verify,
 )
-from fl_covid.validation import check_instruction, check_prototypes
+from fl_covid.validation import check_bank, check_instruction, max_prototype_rows
 
 app = ClientApp()
 log = logging.getLogger(__name__)
-
-
-# the settings a prototype release depends on besides the weights (its noise and ledger entry name them)
-RELEASE_SETTINGS = ("dp-epsilon", "dp-delta", "dp-clip", "min-prototype-images", "prototypes-per-class",
-                    "summary-images", "bn-recalibration", "image-size")
 
 
 class RunRefused(RuntimeError):
@@ -113,7 +100,7 @@ def guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message
             log.error("instruction refused before reading any data: %s", e)
             raise InstructionRefused("instruction refused: not signed by the operator for this site in order "
                                      "(reasons in the site's log)") from None
-        except RunRefused as e:
+        except (RunRefused, BudgetExceeded) as e:
             log.error("run refused by this site's policy: %s", e)
             raise RunRefused("run refused by the site's policy (reasons in the site's log)") from None
         except Exception:
@@ -137,9 +124,23 @@ def _run_config(items: tuple[tuple[str, Any], ...]) -> Config:
     return federated_config(dict(items), at_site=True)
 
 
-def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunner, Path, int]:
-    """Config (checked against the site's policy), node config, this node's site, its folder for this run and the
-    server round. The folder ``<state-dir, or output-dir in simulation>/<run name>/site-<name>`` stays on the site."""
+@dataclass(frozen=True)
+class SiteCall:
+    """What a handler works with: the run's config (checked against the site's policy), the node config, this
+    node's site, its state root, its folder for this run and the server round. The folder ``<state-dir, or
+    output-dir in simulation>/<run name>/site-<name>`` stays on the site."""
+
+    config: Config
+    node: NodeConfig
+    runner: SiteRunner
+    root: Path
+    folder: Path
+    round: int
+
+
+def _setup(context: Context, msg: Message) -> SiteCall:
+    """The ``SiteCall`` of a message, after every check that needs no data: the site's policy, the instruction,
+    the run's folder and identity, a finished run, the privacy budget."""
     node = parse_node_config(context.node_config)
     config = _run_config(tuple(sorted(context.run_config.items())))
     if reasons := node.policy.violations(config):
@@ -161,18 +162,11 @@ def _setup(context: Context, msg: Message) -> tuple[Config, NodeConfig, SiteRunn
     if (folder / SITE_MODEL).exists() and (not train and bool(instruction.get(R.FINAL)) or node.deployed):
         raise RunRefused(f"run {folder.parent.name} is finished here: its final model in {folder / SITE_MODEL} "
                          "is written once")
-    if node.policy.dp_budget and config.spec.prototypes and config.dp_epsilon > 0:
-        ledger = _ledger(root, config.sites[index])
-        planned = {}
-        for rnd in filter(config.prototypes_due, range(1, config.num_server_rounds + 1)):
-            planned.update(ledger.planned(folder.parent.name, rnd, config.dp_epsilon, config.dp_delta))
-        if (total := ledger.epsilon(config.dp_delta, planned)) > node.policy.dp_budget:
-            raise RunRefused(f"the run's prototype releases would bring this site's total privacy loss to epsilon "
-                             f"{total:.3g} at delta {config.dp_delta}, above its dp-budget {node.policy.dp_budget}")
+    check_run_budget(config, root, config.sites[index], folder.parent.name, node.policy.dp_budget)
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     runner = _site_runner(config, index, str(node.data_folder(config)))
-    return config, node, runner, folder, int(instruction[R.ROUND])
+    return SiteCall(config, node, runner, root, folder, int(instruction[R.ROUND]))
 
 
 def _check_run_identity(msg: Message, run_id: int, config: Config, folder: Path) -> None:
@@ -186,132 +180,83 @@ def _check_run_identity(msg: Message, run_id: int, config: Config, folder: Path)
         raise RunRefused(f"run {run_id} resumes run {origin}, which this site took no part in")
 
 
-def _noise(config: Config, node: NodeConfig, site: str, run: str, server_round: int, weights: str
-           ) -> torch.Generator:
-    """The DP noise of one prototype release, seeded by everything released; the release is recorded in the
-    site's ledger first, and refused when it would take the site beyond its dp-budget (a repeated release of a
-    round with other inputs is a new release)."""
-    root = node.state_root(config).resolve()
-    digest = release_digest(weights, {k: config.to_dict()[k] for k in RELEASE_SETTINGS})
-    ledger = _ledger(root, site)
-    release = ledger.release(run, server_round, config.dp_epsilon, config.dp_delta, digest)
-    if node.policy.dp_budget and not release.keys() <= ledger.releases.keys() and \
-            (total := ledger.epsilon(config.dp_delta, release)) > node.policy.dp_budget:
-        raise RunRefused(f"another prototype release would bring this site's total privacy loss to epsilon "
-                         f"{total:.3g}, above its dp-budget {node.policy.dp_budget}")
-    ledger.record(release)
-    return noise_generator(site_secret(root / f".noise-secret-{site}"), run, server_round, digest)
+def _prototypes_due(site: SiteCall, instruction: ConfigRecord) -> bool:
+    """Whether this summary releases prototypes: the run's schedule (``Config.prototypes_due``), never the final
+    summary; ValueError when the server asks otherwise."""
+    due = site.config.prototypes_due(site.round) and not bool(instruction.get(R.FINAL))
+    if bool(instruction.get(R.PROTOTYPES_DUE)) != due:
+        raise ValueError(f"the server asked for prototypes={bool(instruction.get(R.PROTOTYPES_DUE))} in round "
+                         f"{site.round}; the run's schedule (prototype-every) says {due}")
+    return due
 
 
-def _ledger(root: Path, site: str) -> PrivacyLedger:
-    """The site's record of its prototype releases over all runs (its privacy budget)."""
-    return PrivacyLedger(root / f".privacy-ledger-{site}.json")
+def _summary_weights(msg: Message, site: SiteCall) -> np.ndarray:
+    """The weights of a summary message as the site holds them (float32 (N,)): whole, or (int8) the change since
+    the weights it kept from its last summary, which the message names by digest."""
+    difference = R.BASE in msg.content[R.CONFIG]
+    kept = Received.load(site.folder / RECEIVED) if difference else None
+    transfer = R.read_transfer(msg.content.get(R.WEIGHTS), site.runner.size, site.config.compression, difference)
+    return site_received(transfer, msg.content[R.CONFIG].get(R.BASE), kept.flat if kept is not None else None)
 
 
-def _received_weights(msg: Message, config: Config, runner: SiteRunner) -> dict[str, torch.Tensor]:
-    """The shared weights the server sent, checked (one array of the right size and dtype, finite) before use."""
-    flat = R.read_weights(msg.content.get(R.WEIGHTS), R.layout_size(runner.layout), config.compression)
-    if not np.isfinite(flat).all():
-        raise ValueError("the shared weights from the server contain NaN or Inf")
-    return R.unflatten(flat, runner.layout)
+def _training_weights(msg: Message, site: SiteCall) -> tuple[np.ndarray, dict[str, torch.Tensor] | None]:
+    """The weights to train from (float32 (N,)) and the BN to train them with: those the message carries (with the
+    site's own BN), or those of this round's summary, named by their digest, with the BN re-estimated under them."""
+    if R.WEIGHTS not in msg.content:
+        kept = Received.of_round(site.folder / RECEIVED, site.round, msg.content[R.CONFIG].get(R.DIGEST))
+        return kept.flat, kept.bn
+    transfer = R.read_transfer(msg.content[R.WEIGHTS], site.runner.size, site.config.compression, difference=False)
+    return site_received(transfer, None, None), None
 
 
-def _received_bank(msg: Message, config: Config, runner: SiteRunner) -> PrototypeBank | None:
+def _received_bank(msg: Message, site: SiteCall) -> PrototypeBank | None:
     """The prototype bank the server sent, checked (size, dimension, labels, sites, counts, unit rows)."""
     if R.PROTOTYPES not in msg.content:
         return None
-    rows = len(config.sites) * 2 * config.prototypes_per_class
-    bank = R.read_bank(msg.content[R.PROTOTYPES], runner.model.proj_dim, rows)
-    if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(), bank.counts.numpy(),
-                                  dim=runner.model.proj_dim, num_classes=2, num_sites=len(config.sites),
-                                  max_rows=rows, min_count=config.min_prototype_images):
+    dim, rows = site.runner.model.proj_dim, max_prototype_rows(site.config, len(site.config.sites))
+    bank = R.read_bank(msg.content[R.PROTOTYPES], dim, rows)
+    if reason := check_bank(bank, site.config, dim, rows):
         raise ValueError(f"prototype bank from the server: {reason}")
     return bank
+
+
+def _received_payload(msg: Message, site: SiteCall) -> Payload:
+    """What the method's algorithm sent besides the weights (``fl_covid.algorithms``), checked."""
+    names = site.runner.algorithm.server_sends
+    return R.read_payload(msg.content.get(R.PAYLOAD), names, site.runner.size) if names else {}
 
 
 @app.evaluate()
 @guarded
 def summarise(msg: Message, context: Context) -> Message:
     """Start of a round: the received weights evaluated (when asked), summarised in prototypes, kept for training."""
-    config, node, runner, folder, server_round = _setup(context, msg)
-    instruction = msg.content[R.CONFIG]
-    evaluate_now, final = bool(instruction.get(R.EVALUATE)), bool(instruction.get(R.FINAL))
-    prototypes_due = config.prototypes_due(server_round) and not final
-    if bool(instruction.get(R.PROTOTYPES_DUE)) != prototypes_due:
-        raise ValueError(f"the server asked for prototypes={bool(instruction.get(R.PROTOTYPES_DUE))} in round "
-                         f"{server_round}; the run's schedule (prototype-every) says {prototypes_due}")
-    size = R.layout_size(runner.layout)
-    if R.BASE in instruction:  # int8: the change since the weights this site kept from its last summary
-        kept = Received.load(folder / RECEIVED)
-        if kept is None or R.weights_digest(kept.flat) != instruction[R.BASE]:
-            raise ValueError("the server sent a difference from weights this site does not hold")
-        flat = kept.flat + R.read_difference(msg.content.get(R.WEIGHTS), size)
-    else:
-        flat = R.read_weights(msg.content.get(R.WEIGHTS), size, config.compression)
-    if not np.isfinite(flat).all():
-        raise ValueError("the shared weights from the server contain NaN or Inf")
+    site = _setup(context, msg)
+    config, runner, instruction = site.config, site.runner, msg.content[R.CONFIG]
+    prototypes_due = _prototypes_due(site, instruction)
+    flat = _summary_weights(msg, site)
     noise = None
     if config.dp_epsilon > 0 and prototypes_due:
-        noise = _noise(config, node, runner.site.name, folder.parent.name, server_round, R.weights_digest(flat))
-    summary = runner.summarise(R.unflatten(flat, runner.layout), LocalState.load(folder / SITE_STATE, server_round - 1),
-                               server_round, evaluate_now, prototypes_due, noise)
-    if not final:  # the train message of this round names these weights by their digest
-        Received(flat, summary.bn, server_round).save(folder / RECEIVED)
-    reply: dict = {R.NUM_EXAMPLES: len(runner.split.test), R.SITE_ID: runner.site_id}
-    if final:  # the site keeps its complete final model: the global weights with its own BN
-        images = runner.site.images
-        profile = shift_profile(runner.model, images[runner.split.train], images[runner.split.val], config.image_size,
-                                seed=config.seed, device=runner.device)
-        save_site_model(folder / SITE_MODEL, runner.model.state_dict(), model_card(
-            config, runner.site, runner.split.train, run=folder.parent.name, method=config.method,
-            rounds=config.num_server_rounds, validation={k[4:]: v for k, v in (summary.metrics or {}).items()
-                                                         if k.startswith("val_")}, shift=profile))
+        noise = release_noise(config, site.root, runner.site.name, site.folder.parent.name, site.round,
+                              weights_digest(flat), site.node.policy.dp_budget)
+    summary = runner.summary_round(site.folder, flat, site.round, bool(instruction.get(R.EVALUATE)), prototypes_due,
+                                   bool(instruction.get(R.FINAL)), noise)
+    metrics = {R.NUM_EXAMPLES: len(runner.split.test), R.SITE_ID: runner.site_id}
     if summary.metrics is not None:
-        write_predictions(folder / PREDICTIONS_CSV, runner.site, runner.split.test, summary.probs)
-        write_predictions(folder / VAL_PREDICTIONS_CSV, runner.site, runner.split.val, summary.val_probs)
-        reply.update({k: v for k, v in summary.metrics.items() if k != "n"})
-        reply[R.ROC_TPR] = summary.roc_tpr
-    content = RecordDict({R.METRICS: MetricRecord(reply)})
-    if summary.prototypes is not None:
-        content[R.PROTOTYPES] = R.bank_to_record(summary.prototypes)
-    return Message(content=content, reply_to=msg)
+        metrics.update({k: v for k, v in summary.metrics.items() if k != "n"})
+        metrics[R.ROC_TPR] = summary.roc_tpr
+    return Message(content=R.reply_content(metrics, prototypes=summary.prototypes), reply_to=msg)
 
 
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
-    config, node, runner, folder, server_round = _setup(context, msg)
-    instruction = msg.content[R.CONFIG]
-    bn = None
-    if R.WEIGHTS in msg.content:
-        shared = _received_weights(msg, config, runner)
-    else:  # the weights of this round's summary message, named by their digest
-        received = Received.load(folder / RECEIVED)
-        if received is None or received.round != server_round or \
-                R.weights_digest(received.flat) != instruction.get(R.DIGEST):
-            raise ValueError(f"no weights of round {server_round} with the digest the server names")
-        shared, bn = R.unflatten(received.flat, runner.layout), received.bn
-    start = LocalState.load(folder / SITE_STATE, server_round - 1)
-    base = R.flatten(shared, runner.layout)
-    algorithm = runner.algorithm
-    received = R.read_payload(msg.content.get(R.PAYLOAD), algorithm.server_sends, R.layout_size(runner.layout)) \
-        if algorithm.server_sends else {}
-    shared, stats, local, sent = runner.train(shared, bn, start, float(instruction[R.LR]), server_round,
-                                              _received_bank(msg, config, runner), received)
-    trained = R.flatten(shared, runner.layout)
-    if config.compression == "int8":  # the change training made, with last round's quantisation error added
-        change = trained - base + (start.residual if start is not None and start.residual is not None else 0.0)
-        q, scales = R.quantize(change)
-        local.residual = change - R.dequantize(q, scales)
-        weights = R.difference_record(q, scales)
-    else:
-        weights = R.weights_record(trained, config.compression)
-    local.save(folder / SITE_STATE, started_from=(start or LocalState()).provenance())
-    prune_site_states(node.state_root(config), runner.site.name, node.policy.keep_runs)
-    content = RecordDict({
-        R.WEIGHTS: weights,
-        R.METRICS: MetricRecord({R.NUM_EXAMPLES: len(runner.split.train), R.SITE_ID: runner.site_id, **stats}),
-    })
-    if sent:  # what the method's algorithm sends besides the weights (fl_covid.algorithms)
-        content[R.PAYLOAD] = R.payload_record(sent)
-    return Message(content=content, reply_to=msg)
+    """A round's training from the weights of its summary (or those the message carries); replies with the
+    trained shared weights and what the method's algorithm sends."""
+    site = _setup(context, msg)
+    runner = site.runner
+    flat, bn = _training_weights(msg, site)
+    weights, stats, sent = runner.train_round(site.folder, flat, bn, float(msg.content[R.CONFIG][R.LR]), site.round,
+                                              _received_bank(msg, site), _received_payload(msg, site))
+    prune_site_states(site.root, runner.site.name, site.node.policy.keep_runs)
+    metrics = {R.NUM_EXAMPLES: len(runner.split.train), R.SITE_ID: runner.site_id, **stats}
+    return Message(content=R.reply_content(metrics, weights=weights, payload=sent), reply_to=msg)

@@ -205,11 +205,9 @@ class ServerState:
 
     def save(self, folder: Path) -> None:
         """Write the whole state atomically (``StateStore``)."""
-        bank = {"vectors": self.bank.vectors, "labels": self.bank.labels, "sites": self.bank.sites,
-                "counts": self.bank.counts}
-        StateStore(folder).save({"shared": self.shared, "bank": bank, "server-optimizer": self.optimizer},
-                                {"round": self.round, "sampling": SAMPLING, "config": self.config,
-                                 "history": self.history})
+        tensors = {"shared": self.shared, "bank": self.bank.tensors(), "server-optimizer": self.optimizer}
+        meta = {"round": self.round, "sampling": SAMPLING, "config": self.config, "history": self.history}
+        StateStore(folder).save(tensors, meta)
 
     @staticmethod
     def load(folder: Path) -> ServerState | None:
@@ -218,10 +216,8 @@ class ServerState:
         if loaded is None:
             return None
         tensors, meta = loaded
-        b = tensors["bank"]
-        bank = PrototypeBank(b["vectors"].float(), b["labels"].long(), b["sites"].long(), b["counts"].long())
-        return ServerState(int(meta["round"]), tensors["shared"], bank, meta["history"], meta["config"],
-                           tensors.get("server-optimizer", {}))
+        return ServerState(int(meta["round"]), tensors["shared"], PrototypeBank.from_tensors(tensors["bank"]),
+                           meta["history"], meta["config"], tensors.get("server-optimizer", {}))
 
     def check_config(self, config: dict[str, Any], folder: Path) -> None:
         """ConfigError unless ``config`` matches the saved run's, except for ``RESUMABLE_KEYS``."""

@@ -22,7 +22,17 @@ import numpy as np
 import torch
 
 from fl_covid.algorithms import Payload, algorithm_for
-from fl_covid.checkpoint import StateStore, optimizer_from_tensors, optimizer_to_tensors, tensor_digest
+from fl_covid.checkpoint import (
+    PREDICTIONS_CSV,
+    RECEIVED,
+    SITE_MODEL,
+    SITE_STATE,
+    VAL_PREDICTIONS_CSV,
+    StateStore,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    tensor_digest,
+)
 from fl_covid.config import Config
 from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
@@ -33,7 +43,11 @@ from fl_covid.objective import build_objective
 from fl_covid.observe import emit
 from fl_covid.privacy import private_prototypes
 from fl_covid.prototypes import PrototypeBank, class_prototypes
+from fl_covid.reporting import write_predictions
 from fl_covid.seeding import derive
+from fl_covid.shift import shift_profile
+from fl_covid.site_model import model_card, save_site_model
+from fl_covid.transport import Transfer, site_reply, weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +59,7 @@ class LocalState:
     bn: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
     round: int = 0
-    residual: np.ndarray | None = None  # compression=int8: the quantisation error carried into the next update
+    residual: np.ndarray | None = None  # compression=int8: the quantisation error carried into the next reply
     algorithm: dict[str, torch.Tensor] = field(default_factory=dict)  # what the method's algorithm keeps here
 
     def save(self, folder: Path, **meta: Any) -> None:
@@ -95,6 +109,15 @@ class Received:
         tensors, meta = loaded
         return Received(tensors["weights"]["flat"].numpy(), tensors.get("bn", {}), int(meta["round"]))
 
+    @staticmethod
+    def of_round(folder: Path, server_round: int, digest: object) -> Received:
+        """The weights kept from the summary of ``server_round``, which the train message names by ``digest``;
+        ValueError when the site holds no such weights."""
+        received = Received.load(folder)
+        if received is None or received.round != server_round or weights_digest(received.flat) != digest:
+            raise ValueError(f"no weights of round {server_round} with the digest the server names")
+        return received
+
 
 def shared_keys(model: COVIDNet, config: Config) -> list[str]:
     """Names of the tensors a site sends and receives, in state-dict order: every float tensor but the
@@ -143,7 +166,8 @@ class SiteRunner:
         self.local_keys = set(self.model.state_dict()) - set(self.keys)
         state = self.model.state_dict()
         self.layout = tuple((k, tuple(state[k].shape)) for k in self.keys)  # transfer order of the shared weights
-        self.algorithm = algorithm_for(config, layout_size(self.layout))
+        self.size = layout_size(self.layout)  # values in the flat shared weights
+        self.algorithm = algorithm_for(config, self.size)
         self.initial_local = self._local_part()  # a site's first round starts from these (the runner is reused)
 
     def _load(self, shared: dict[str, torch.Tensor], bn: dict[str, torch.Tensor] | None) -> None:
@@ -242,3 +266,47 @@ class SiteRunner:
         new_local = LocalState(self._local_part(), optimizer_to_tensors(optimizer), server_round, algorithm=keep)
         stats["seconds"] = time.perf_counter() - started
         return trained, stats, new_local, sent
+
+    def summary_round(self, folder: Path, flat: np.ndarray, server_round: int, evaluate_now: bool,
+                      prototypes_due: bool, final: bool, noise: torch.Generator | None = None) -> Summary:
+        """A summary message at this site, files included: the received weights ``flat`` (N,) summarised
+        (``summarise``) with the site's state of the round before; kept with the re-estimated BN for the round's
+        training (``received/``), or after the last round (``final``) saved as the site's final model with its
+        model card; the per-image predictions written when evaluated."""
+        local = LocalState.load(folder / SITE_STATE, server_round - 1)
+        summary = self.summarise(unflatten(flat, self.layout), local, server_round, evaluate_now, prototypes_due,
+                                 noise)
+        if final:
+            self._save_final_model(folder, summary)
+        else:  # the train message of this round names these weights by their digest
+            Received(flat, summary.bn, server_round).save(folder / RECEIVED)
+        if summary.metrics is not None:
+            write_predictions(folder / PREDICTIONS_CSV, self.site, self.split.test, summary.probs)
+            write_predictions(folder / VAL_PREDICTIONS_CSV, self.site, self.split.val, summary.val_probs)
+        return summary
+
+    def _save_final_model(self, folder: Path, summary: Summary) -> None:
+        """The site's complete final model (the global weights with its own BN, as loaded by the final summary)
+        and its model card: training images, validation metrics, shift profile."""
+        cfg, images = self.config, self.site.images
+        profile = shift_profile(self.model, images[self.split.train], images[self.split.val], cfg.image_size,
+                                seed=cfg.seed, device=self.device)
+        validation = {k[4:]: v for k, v in (summary.metrics or {}).items() if k.startswith("val_")}
+        save_site_model(folder / SITE_MODEL, self.model.state_dict(), model_card(
+            cfg, self.site, self.split.train, run=folder.parent.name, method=cfg.method,
+            rounds=cfg.num_server_rounds, validation=validation, shift=profile))
+
+    def train_round(self, folder: Path, flat: np.ndarray, bn: dict[str, torch.Tensor] | None, lr: float,
+                    server_round: int, bank: PrototypeBank | None, received: Payload
+                    ) -> tuple[Transfer, dict[str, float], Payload]:
+        """A train message at this site, files included: ``train`` from the received weights ``flat`` (N,) with
+        the site's state of the round before; the trained weights encoded for the reply
+        (``fl_covid.transport.site_reply``, whose int8 quantisation error goes into the new state), the new state
+        saved before the reply leaves. Returns (the reply's weights, training metrics, the algorithm's payload)."""
+        start = LocalState.load(folder / SITE_STATE, server_round - 1)
+        trained, stats, local, sent = self.train(unflatten(flat, self.layout), bn, start, lr, server_round, bank,
+                                                 received)
+        weights, local.residual = site_reply(flatten(trained, self.layout), flat,
+                                             start.residual if start is not None else None, self.config.compression)
+        local.save(folder / SITE_STATE, started_from=(start or LocalState()).provenance())
+        return weights, stats, sent

@@ -8,7 +8,8 @@ gets fewer clusters when it has too few images for ``per_class`` of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -36,6 +37,16 @@ class PrototypeBank:
         """One site's prototypes (vectors (P, D), labels (P,), counts (P,)) as a bank."""
         return PrototypeBank(vectors.float(), labels.long(), torch.full((len(labels),), site_id, dtype=torch.int64),
                              counts.long())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The bank as it is stored and sent: ``vectors``, ``labels``, ``sites`` and ``counts`` by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @staticmethod
+    def from_tensors(tensors: Mapping[str, torch.Tensor]) -> PrototypeBank:
+        """Inverse of ``tensors``: vectors as float32, the rest as int64."""
+        return PrototypeBank(tensors["vectors"].float(), tensors["labels"].long(), tensors["sites"].long(),
+                             tensors["counts"].long())
 
     def merge(self, newer: PrototypeBank) -> PrototypeBank:
         """This bank with every site present in ``newer`` replaced by its rows there (sites absent keep theirs)."""

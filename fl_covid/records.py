@@ -1,29 +1,27 @@
 """Torch state <-> Flower records, and the record and metric keys every site and the server share.
 
-Shared weights travel as ONE flat float32 vector (float16 under ``compression=fp16``): every shared tensor in the
-order of a ``Layout`` that both sides derive from the model. One array instead of one per tensor makes a message a
-handful of objects for Flower to move, whatever the model's depth. Under ``compression=int8`` both directions send
-int8 *differences* from weights the other side already holds (blocks of INT8_BLOCK values, one float32 scale
-each): the server the change of the global weights since the sites' last copy, a site the change its training
-made; each side carries its quantisation error into its next difference (error feedback). Whatever is received is
-judged from its metadata (serialisation, dtype, shape, byte size) before anything is decoded.
+Shared weights travel as ONE flat vector: every shared tensor in the order of a ``Layout`` that both sides derive
+from the model, encoded as ``fl_covid.transport`` says (``compression``: float32, float16, or int8 differences
+with their scales). One array instead of one per tensor makes a message a handful of objects for Flower to move,
+whatever the model's depth. Whatever is received is judged from its metadata (serialisation, dtype, shape, byte
+size) before anything is decoded.
 
 The only module of the library that imports Flower.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fl_covid.config import COMPRESSIONS
 from fl_covid.layout import Layout, flatten, layout_of, layout_size, unflatten  # noqa: F401 - records of this layout
 from fl_covid.metrics import METRIC_NAMES
 from fl_covid.prototypes import PrototypeBank
+from fl_covid.transport import INT8_BLOCK, Transfer, dequantize, encode, wire_dtype
 
 NPY_HEADER_MAX = 4096  # bytes an .npy header may add to an array's data
 
@@ -31,7 +29,6 @@ NPY_HEADER_MAX = 4096  # bytes an .npy header may add to an array's data
 WEIGHTS = "arrays"  # ArrayRecord holding FLAT: shared weights (BN included under fedavg)
 FLAT = "weights"  # the one array of a weights record (int8 differences under compression=int8)
 SCALES = "scales"  # int8 differences: one float32 scale per INT8_BLOCK values
-INT8_BLOCK = 16384
 PROTOTYPES = "prototypes"  # ArrayRecord: prototype bank (server -> site) or a site's prototypes (site -> server)
 CONFIG = "config"  # ConfigRecord: server-round, lr, run-name
 PAYLOAD = "algorithm"  # ArrayRecord: a method's own vectors over the shared layout (fl_covid.algorithms), both ways
@@ -60,91 +57,62 @@ VAL_METRICS = tuple(f"val_{m}" for m in METRIC_NAMES)  # the validation split's 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
 SUMMARY_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID)  # + EVALUATION_METRICS when an evaluation was asked for
 EVALUATION_METRICS = (*METRIC_NAMES, *VAL_METRICS, ROC_TPR)
-# prototype record keys
+# prototype record keys: the fields of a PrototypeBank (``PrototypeBank.tensors``)
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 
 
-def encode(flat: np.ndarray, compression: str) -> np.ndarray:
-    """Flat float32 weights for transfer (config key ``compression``): ``fp16`` halves the bytes (relative error at
-    most 2**-11); ``none`` sends them as they are, and so does ``int8`` when whole weights must travel (a first
-    copy), which are then sent as float32."""
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression {compression!r} is not one of {COMPRESSIONS} (config key 'compression')")
-    if compression in ("none", "int8"):
-        return flat
-    peak = float(np.abs(flat).max()) if flat.size else 0.0
-    if not peak <= float(np.finfo(np.float16).max):  # also catches NaN
-        raise ValueError(f"weights (max |value| {peak:.3g}) cannot be sent as {compression}; set compression=none")
-    return flat.astype(np.float16)
-
-
-def wire_dtype(compression: str) -> np.dtype:
-    """The dtype whole weights travel in."""
-    return np.dtype(np.float16 if compression == "fp16" else np.float32)
-
-
-def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Float values (N,) -> (int8 (N,), float32 scales (ceil(N / INT8_BLOCK),)): each block scaled so that its
-    largest magnitude maps to 127, rounded to nearest."""
-    n = len(values)
-    blocks = np.pad(values.astype(np.float32), (0, -n % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
-    scales = np.abs(blocks).max(axis=1) / 127.0
-    safe = np.where(scales > 0, scales, 1.0)[:, None]
-    q = np.clip(np.rint(blocks / safe), -127, 127).astype(np.int8).reshape(-1)[:n]
-    return q, scales.astype(np.float32)
-
-
-def dequantize(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Inverse of ``quantize`` up to rounding: int8 (N,) and scales -> float32 (N,)."""
-    n = len(q)
-    blocks = np.pad(q.astype(np.float32), (0, -n % INT8_BLOCK)).reshape(-1, INT8_BLOCK)
-    return (blocks * scales[:, None]).reshape(-1)[:n]
-
-
 def difference_record(q: np.ndarray, scales: np.ndarray) -> ArrayRecord:
-    """An int8 difference (``quantize``) as the record that carries it."""
+    """An int8 difference (``fl_covid.transport.quantize``) as the record that carries it."""
     return ArrayRecord({FLAT: Array(np.ascontiguousarray(q)), SCALES: Array(np.ascontiguousarray(scales))})
 
 
 def read_difference(record: object, size: int) -> np.ndarray:
     """A received int8 difference record -> the float32 difference (N,), checked from the metadata first."""
-    if not isinstance(record, ArrayRecord) or set(record) != {FLAT, SCALES}:
-        keys = sorted(record)[:3] if isinstance(record, ArrayRecord) else type(record).__name__
-        raise ValueError(f"difference record must hold arrays '{FLAT}' and '{SCALES}', got {keys}")
-    q = checked_array(record, FLAT, (size,), (np.dtype(np.int8),))
-    scales = checked_array(record, SCALES, (-(-size // INT8_BLOCK),), (np.dtype(np.float32),))
-    if not np.isfinite(scales).all() or (scales < 0).any():
-        raise ValueError("difference scales must be finite and >= 0")
-    return dequantize(q, scales)
+    transfer = read_transfer(record, size, "int8", difference=True)
+    return dequantize(transfer.values, transfer.scales)
 
 
 def weights_record(flat: np.ndarray, compression: str = "none") -> ArrayRecord:
     """Flat float32 weights -> the record that carries them, encoded by ``encode``."""
-    return ArrayRecord({FLAT: Array(np.ascontiguousarray(encode(flat, compression)))})
+    return transfer_record(Transfer(encode(flat, compression)))
 
 
 def read_weights(record: object, size: int, compression: str) -> np.ndarray:
     """A received weights record -> flat float32 weights (N,), after checking from the metadata that it holds
     exactly one array of ``size`` values in the dtype of ``compression``. ValueError naming the problem."""
+    return read_transfer(record, size, compression, difference=False).applied_to(None)
+
+
+def transfer_record(transfer: Transfer) -> ArrayRecord:
+    """Shared weights as they travel -> the record that carries them: whole weights as one array, an int8
+    difference as its values and scales."""
+    if transfer.scales is not None:
+        return difference_record(transfer.values, transfer.scales)
+    return ArrayRecord({FLAT: Array(np.ascontiguousarray(transfer.values))})
+
+
+def read_transfer(record: object, size: int, compression: str, difference: bool) -> Transfer:
+    """A received weights record -> the ``Transfer`` it carries: an int8 difference of ``size`` values with its
+    scales (``difference``), else ``size`` whole weights in the dtype of ``compression``; each array checked from
+    its metadata before it is decoded. ValueError naming the problem."""
+    if difference:
+        if not isinstance(record, ArrayRecord) or set(record) != {FLAT, SCALES}:
+            keys = sorted(record)[:3] if isinstance(record, ArrayRecord) else type(record).__name__
+            raise ValueError(f"difference record must hold arrays '{FLAT}' and '{SCALES}', got {keys}")
+        q = checked_array(record, FLAT, (size,), (np.dtype(np.int8),))
+        scales = checked_array(record, SCALES, (-(-size // INT8_BLOCK),), (np.dtype(np.float32),))
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise ValueError("difference scales must be finite and >= 0")
+        return Transfer(q, scales)
     if not isinstance(record, ArrayRecord) or set(record) != {FLAT}:
         keys = sorted(record)[:3] if isinstance(record, ArrayRecord) else type(record).__name__
         raise ValueError(f"weights record must hold one array '{FLAT}', got {keys}")
-    return checked_array(record, FLAT, (size,), (wire_dtype(compression),)).astype(np.float32)
+    return Transfer(checked_array(record, FLAT, (size,), (wire_dtype(compression),)))
 
 
 def to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
     """Any name -> tensor mapping -> ArrayRecord, one array per tensor (prototype banks)."""
     return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in tensors.items()})
-
-
-def as_received(flat: np.ndarray, compression: str) -> np.ndarray:
-    """The float32 weights a site holds after receiving whole weights ``flat`` sent with ``compression``."""
-    return encode(flat, compression).astype(np.float32)
-
-
-def weights_digest(flat: np.ndarray) -> str:
-    """SHA-256 of flat float32 weights (a train message names the summary's weights by it)."""
-    return hashlib.sha256(np.ascontiguousarray(flat, dtype=np.float32).tobytes()).hexdigest()
 
 
 def payload_record(payload: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -165,7 +133,22 @@ def read_payload(record: object, names: tuple[str, ...], size: int) -> dict[str,
 
 
 def bank_to_record(bank: PrototypeBank) -> ArrayRecord:
-    return to_record({P_VECTORS: bank.vectors, P_LABELS: bank.labels, P_SITES: bank.sites, P_COUNTS: bank.counts})
+    """A prototype bank as the record that carries it, one array per field (``PrototypeBank.tensors``)."""
+    return to_record(bank.tensors())
+
+
+def reply_content(metrics: Mapping[str, Any], weights: Transfer | None = None,
+                  prototypes: PrototypeBank | None = None, payload: Mapping[str, np.ndarray] | None = None
+                  ) -> RecordDict:
+    """A site's reply: its metric record and the records of what else it sends (the weights of a training reply,
+    prototypes, the method's payload)."""
+    content = RecordDict({WEIGHTS: transfer_record(weights)} if weights is not None else {})
+    content[METRICS] = MetricRecord(dict(metrics))
+    if prototypes is not None:
+        content[PROTOTYPES] = bank_to_record(prototypes)
+    if payload:
+        content[PAYLOAD] = payload_record(payload)
+    return content
 
 
 def checked_array(record: ArrayRecord, name: str, shape: tuple[int, ...], dtypes: tuple[np.dtype, ...]
@@ -206,9 +189,9 @@ def read_bank(record: object, dim: int, max_rows: int) -> PrototypeBank:
     rows = vectors.shape[0] if isinstance(vectors, Array) and len(vectors.shape) == 2 else -1
     if not 0 <= rows <= max_rows:
         raise ValueError(f"prototype record has {rows} rows, at most {max_rows} expected")
-    v = checked_array(record, P_VECTORS, (rows, dim), (np.dtype(np.float32),))
-    ints = [checked_array(record, k, (rows,), (np.dtype(np.int64),)) for k in (P_LABELS, P_SITES, P_COUNTS)]
-    return PrototypeBank(*(torch.from_numpy(a.copy()) for a in (v, *ints)))
+    arrays = {P_VECTORS: checked_array(record, P_VECTORS, (rows, dim), (np.dtype(np.float32),)),
+              **{k: checked_array(record, k, (rows,), (np.dtype(np.int64),)) for k in (P_LABELS, P_SITES, P_COUNTS)}}
+    return PrototypeBank.from_tensors({k: torch.from_numpy(a.copy()) for k, a in arrays.items()})
 
 
 def content_digest(content: RecordDict) -> str:

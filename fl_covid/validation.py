@@ -9,9 +9,13 @@ from collections.abc import Collection, Mapping
 
 import numpy as np
 
+from fl_covid.config import Config
+from fl_covid.prototypes import PrototypeBank
+
 MAX_EXAMPLES = 10_000_000
 RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 REMOTE_TEXT_CHARS = 200
+NUM_CLASSES = 2  # every site's labels: NonCOVID 0, COVID 1 (fl_covid.data.CLASSES)
 
 
 def remote_text(text: object) -> str:
@@ -93,6 +97,20 @@ def check_prototypes(vectors: np.ndarray, labels: np.ndarray, sites: np.ndarray,
     if not np.all(np.abs(norms - 1) < 1e-3):
         return f"prototype rows must be unit vectors, norms {norms.round(3)[:6]}"
     return None
+
+
+def max_prototype_rows(config: Config, sites: int = 1) -> int:
+    """Rows the prototypes of ``sites`` sites may have: ``prototypes-per-class`` per class and site."""
+    return sites * NUM_CLASSES * config.prototypes_per_class
+
+
+def check_bank(bank: PrototypeBank, config: Config, dim: int, max_rows: int) -> str | None:
+    """``check_prototypes`` of a decoded bank (a site's reply, or the bank a site receives) in the run of
+    ``config``: at most ``max_rows`` unit rows of ``dim`` values, labels of its classes, ids of its sites, each row
+    summarising at least ``min-prototype-images`` images."""
+    return check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(), bank.counts.numpy(),
+                            dim=dim, num_classes=NUM_CLASSES, num_sites=len(config.sites), max_rows=max_rows,
+                            min_count=config.min_prototype_images)
 
 
 def check_instruction(server_round: object, lr: object, run_name: object, num_rounds: int, train: bool

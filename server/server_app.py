@@ -18,7 +18,7 @@ from fl_covid.config import Config, federated_config, to_json
 from fl_covid.federated import initial_shared
 from fl_covid.observe import emit
 from fl_covid.policy import TRUST_ENV, load_server_trust
-from fl_covid.privacy import privacy_report
+from fl_covid.privacy import run_privacy_report
 from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, write_csv, write_json
 from server.collect import send_and_collect
 from server.signing import Signing
@@ -111,18 +111,31 @@ def run_rounds(grid: Grid, strategy: SitesMixin, config: Config, run: Run, layou
         log.info("[ROUND %d/%d] lr %.3g", rnd, config.num_server_rounds, strategy.lr_for(rnd))
         if strategy.summary_needed(rnd):
             summarise(grid, strategy, run, arrays, rnd, timeout)
-        replies = send_and_collect(grid, strategy.configure_train(rnd, arrays, ConfigRecord(), grid), timeout)
-        arrays, _ = strategy.aggregate_train(rnd, replies)
-        if config.dp_epsilon > 0:  # the guarantee spent so far by each site's prototype releases
-            releases = sum(map(config.prototypes_due, range(1, rnd + 1)))
-            write_json(run.dir / PRIVACY_JSON,
-                       privacy_report(config.dp_epsilon, config.dp_delta, config.dp_clip, releases))
-        ServerState(rnd, R.unflatten(arrays[R.FLAT].numpy(), layout), strategy.bank, run.writer.rows,
-                    config.to_dict(), strategy.optimizer_state()).save(run.dir / CHECKPOINT)
+        arrays = train(grid, strategy, arrays, rnd, timeout)
+        save_round(config, run, strategy, layout, arrays, rnd)
         round_seconds[str(rnd)] = time.perf_counter() - started
         log.info("round %d took %.2f s", rnd, round_seconds[str(rnd)])
     summarise(grid, strategy, run, arrays, config.num_server_rounds + 1, timeout)
     return round_seconds
+
+
+def train(grid: Grid, strategy: SitesMixin, arrays: ArrayRecord, server_round: int, timeout: float | None
+          ) -> ArrayRecord:
+    """The train message of ``server_round``; returns the global weights the strategy aggregates from the
+    replies."""
+    replies = send_and_collect(grid, strategy.configure_train(server_round, arrays, ConfigRecord(), grid), timeout)
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    return aggregated
+
+
+def save_round(config: Config, run: Run, strategy: SitesMixin, layout: R.Layout, arrays: ArrayRecord,
+               server_round: int) -> None:
+    """After ``server_round``: the guarantee spent so far by each site's prototype releases (``privacy.json``,
+    with DP) and the checkpoint a resume continues from (weights, bank, metric rows, server optimizer state)."""
+    if config.dp_epsilon > 0:
+        write_json(run.dir / PRIVACY_JSON, run_privacy_report(config, server_round))
+    ServerState(server_round, R.unflatten(arrays[R.FLAT].numpy(), layout), strategy.bank, run.writer.rows,
+                config.to_dict(), strategy.optimizer_state()).save(run.dir / CHECKPOINT)
 
 
 def summarise(grid: Grid, strategy: SitesMixin, run: Run, arrays: ArrayRecord, server_round: int,

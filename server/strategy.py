@@ -25,17 +25,38 @@ from fl_covid.config import Config
 from fl_covid.engine import cosine_lr
 from fl_covid.metrics import ROC_POINTS
 from fl_covid.prototypes import PrototypeBank
-from fl_covid.validation import check_metrics, check_num_examples, check_prototypes, check_update, remote_text
+from fl_covid.transport import SitesCopy, sends_differences, weights_digest
+from fl_covid.validation import (
+    check_bank,
+    check_metrics,
+    check_num_examples,
+    check_update,
+    max_prototype_rows,
+    remote_text,
+)
 from server.signing import Signing
 
 log = logging.getLogger(__name__)
 
 Row = dict[str, float | int | str]
-NUM_CLASSES = 2
 
 
 class NotEnoughSites(RuntimeError):
     """Fewer sites answered a round than the configured minimum."""
+
+
+def _without_metrics(content: RecordDict) -> str | None:
+    """Why a reply has no metric record (where its site id and example count must be)."""
+    return None if isinstance(content.get(R.METRICS), MetricRecord) else "no metrics record"
+
+
+def _unsound_metrics(metrics: MetricRecord, train: bool, evaluated: bool) -> str | None:
+    """Why a reply's metrics are not those of its kind (training; a summary, with an evaluation when one was asked
+    for), each a finite number, with a sound example count."""
+    expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
+                                                                              else ())
+    return (check_metrics(metrics, expected, {R.ROC_TPR: ROC_POINTS} if evaluated else {})
+            or check_num_examples(metrics[R.NUM_EXAMPLES]))
 
 
 def _mean_metrics(contents: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -69,9 +90,8 @@ class SitesMixin:
         pins = signing.pins if signing is not None else config.pinned_nodes  # the trust file's pins win
         self.site_of_node: dict[int, int] = {node: site for site, node in pins.items()}
         self.dataset_sizes: dict[int, int] = {}  # site id -> num-examples of its first accepted training reply
-        self.sent_flat = np.zeros(0, np.float32)  # the weights of the last train message: max-update-norm's reference
+        self.sites_copy = SitesCopy(config.compression)  # the weights the sites hold and train from
         self.summary = (0, "")  # (round, digest of the weights as the sites hold them) of the last summary message
-        self.held: np.ndarray | None = None  # the global weights as the sites hold them (float32), once sent
         self.sent: list[Message] = []  # messages of the last configure_* (the grid sets their ids on sending)
         self.on_row = on_row or (lambda kind, row: None)
         self.on_aggregated = on_aggregated or (lambda server_round, strategy: None)
@@ -103,11 +123,6 @@ class SitesMixin:
             out[f"momentum_vector.{i}"] = torch.from_numpy(np.ascontiguousarray(v))
         out.update({f"algorithm.{k}": v for k, v in self.algorithm.state().items()})
         return out
-
-    @property
-    def max_prototype_rows(self) -> int:
-        """Rows one site may send: ``prototypes-per-class`` per class."""
-        return NUM_CLASSES * self.config.prototypes_per_class
 
     # -- messages ------------------------------------------------------------------------------------------------
 
@@ -153,16 +168,12 @@ class SitesMixin:
         config[R.EVALUATE] = self.evaluation_due(server_round - 1)
         config[R.PROTOTYPES_DUE] = self.config.prototypes_due(server_round)
         flat = arrays[R.FLAT].numpy().astype(np.float32)  # server optimizers may hand back float64
-        compression = self.config.compression
-        if compression == "int8" and self.held is not None:  # the change since the sites' copy, error fed back
-            q, scales = R.quantize(flat - self.held)
-            config[R.BASE] = R.weights_digest(self.held)
-            weights, self.held = R.difference_record(q, scales), self.held + R.dequantize(q, scales)
-        else:
-            weights, self.held = R.weights_record(flat, compression), R.as_received(flat, compression)
-        self.summary = (server_round, R.weights_digest(self.held))
+        transfer, base = self.sites_copy.summary(flat)
+        if base is not None:  # int8: the change since the copy the sites hold, with this digest
+            config[R.BASE] = base
+        self.summary = (server_round, weights_digest(self.sites_copy.held))
         messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
-        return self._finish_messages(messages, weights, bank=False)
+        return self._finish_messages(messages, R.transfer_record(transfer), bank=False)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                         ) -> Iterable[Message]:
@@ -171,14 +182,11 @@ class SitesMixin:
         flat = arrays[R.FLAT].numpy().astype(np.float32)  # FedOpt keeps what it sent: float32
         arrays = R.weights_record(flat)
         summarised = self.summary[0] == server_round
-        weights = None
-        if summarised:
+        if summarised:  # the sites train from the summary's weights, named by their digest
             config[R.DIGEST] = self.summary[1]
-        else:  # compression none or fp16: the weights travel with the train message
-            weights, self.held = R.weights_record(flat, self.config.compression), \
-                R.as_received(flat, self.config.compression)
-        self.sent_flat = self.held  # what every site trains from: the reference of replies and max-update-norm
+        transfer = self.sites_copy.train(None if summarised else flat)
         messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        weights = R.transfer_record(transfer) if transfer is not None else None
         return self._finish_messages(messages, weights, bank=self.config.spec.prototypes,
                                      payload=self.algorithm.server_payload())
 
@@ -198,74 +206,92 @@ class SitesMixin:
 
     def _verdict(self, msg: Message, server_round: int, train: bool, evaluated: bool = False
                  ) -> tuple[str | None, dict]:
-        """(why the reply must be rejected or None, what was decoded: weights or prototypes)."""
+        """(why the reply must be rejected or None, what was decoded: weights and payload, or prototypes). The
+        identity and the records are judged before anything is decoded."""
         if msg.has_error():
             return f"failed: {remote_text(msg.error.reason)}", {}
-        if self.signing is not None:
-            instruction = next((m for m in self.sent if m.metadata.message_id == msg.metadata.reply_to_message_id),
-                               None)
-            if reason := self.signing.check_reply(msg, instruction):
-                return reason, {}
         content = msg.content
-        metrics = content.get(R.METRICS)
-        if not isinstance(metrics, MetricRecord):
-            return "no metrics record", {}
-        site_id = metrics.get(R.SITE_ID)
+        prototypes = not train and self.config.prototypes_due(server_round)
+        if reason := (self._unsigned(msg) or _without_metrics(content) or self._not_its_site(msg)
+                      or self._unexpected_records(content, train, prototypes)
+                      or _unsound_metrics(content[R.METRICS], train, evaluated)):
+            return reason, {}
+        if train:
+            return self._decoded_training(content)
+        if prototypes:
+            return self._decoded_prototypes(content)
+        return None, {}
+
+    def _unsigned(self, msg: Message) -> str | None:
+        """Why a deployment's reply is not the signed answer of the site to the instruction it names."""
+        if self.signing is None:
+            return None
+        instruction = next((m for m in self.sent if m.metadata.message_id == msg.metadata.reply_to_message_id), None)
+        return self.signing.check_reply(msg, instruction)
+
+    def _not_its_site(self, msg: Message) -> str | None:
+        """Why the site id a reply claims is not its node's: out of range, another site than the node is pinned
+        to, or the site of another node."""
+        site_id = msg.content[R.METRICS].get(R.SITE_ID)
         if not isinstance(site_id, int) or isinstance(site_id, bool) or not 0 <= site_id < len(self.config.sites):
-            return f"site-id {remote_text(site_id)} is not one of 0..{len(self.config.sites) - 1}", {}
+            return f"site-id {remote_text(site_id)} is not one of 0..{len(self.config.sites) - 1}"
         node = msg.metadata.src_node_id
         pinned = self.site_of_node.get(node)
         if pinned is not None and pinned != site_id:
-            return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}", {}
+            return f"node {node} is site {self.config.sites[pinned]} but claims site-id {site_id}"
         if pinned is None and site_id in self.site_of_node.values():
-            return f"site-id {site_id} belongs to another node", {}
-        prototypes = not train and self.config.prototypes_due(server_round)
+            return f"site-id {site_id} belongs to another node"
+        return None
+
+    def _unexpected_records(self, content: RecordDict, train: bool, prototypes: bool) -> str | None:
+        """Why a reply holds records other than those of its kind (metrics; weights and the method's payload after
+        training; prototypes when due; the signature in a deployment)."""
         allowed = {R.METRICS} | ({R.WEIGHTS} if train else set()) | ({R.PROTOTYPES} if prototypes else set()) | (
             {R.SIGNATURE} if self.signing is not None else set()) | (
             {R.PAYLOAD} if train and self.algorithm.site_sends else set())
         if unexpected := set(content.keys()) - allowed:
-            return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})", {}
-        expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
-                                                                                  else ())
-        if reason := check_metrics(metrics, expected, {R.ROC_TPR: ROC_POINTS} if evaluated else {}):
-            return reason, {}
-        if reason := check_num_examples(metrics[R.NUM_EXAMPLES]):
-            return reason, {}
-        if train:
-            known = self.dataset_sizes.get(site_id)
-            if known is not None and known != metrics[R.NUM_EXAMPLES]:
-                return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
-            if R.WEIGHTS not in content:
-                return "no weights record", {}
-            try:
-                if self.config.compression == "int8":  # the change the site's training made
-                    flat = self.sent_flat + R.read_difference(content[R.WEIGHTS], self.size)
-                else:
-                    flat = R.read_weights(content[R.WEIGHTS], self.size, self.config.compression)
-            except ValueError as e:
-                return str(e), {}
-            if reason := check_update(flat, self.config.max_update_norm, self.sent_flat):
-                return reason, {}
-            if not self.algorithm.site_sends:
-                return None, {"weights": flat}
-            try:
-                payload = R.read_payload(content.get(R.PAYLOAD), self.algorithm.site_sends, self.size)
-            except ValueError as e:
-                return str(e), {}
-            return None, {"weights": flat, "payload": payload}
-        if not prototypes:
-            return None, {}
-        if R.PROTOTYPES not in content:
-            return "no prototypes record", {}
+            return f"unexpected records {[remote_text(k) for k in sorted(unexpected)][:3]} (allowed: {sorted(allowed)})"
+        return None
+
+    def _decoded_training(self, content: RecordDict) -> tuple[str | None, dict]:
+        """A training reply's weights (float32 (N,), whatever the transfer) and the method's payload, or why they
+        are rejected: a dataset size that changed within the run, a missing or malformed record, NaN or Inf, an
+        update beyond max-update-norm."""
+        metrics = content[R.METRICS]
+        known = self.dataset_sizes.get(int(metrics[R.SITE_ID]))
+        if known is not None and known != metrics[R.NUM_EXAMPLES]:
+            return f"num-examples changed from {known} to {metrics[R.NUM_EXAMPLES]} within the run", {}
+        if R.WEIGHTS not in content:
+            return "no weights record", {}
+        compression = self.config.compression
         try:
-            bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, self.max_prototype_rows)
+            flat = self.sites_copy.reply(R.read_transfer(content[R.WEIGHTS], self.size, compression,
+                                                         difference=sends_differences(compression)))
         except ValueError as e:
             return str(e), {}
-        if reason := check_prototypes(bank.vectors.numpy(), bank.labels.numpy(), bank.sites.numpy(),
-                                      bank.counts.numpy(), dim=self.proj_dim, num_classes=NUM_CLASSES,
-                                      num_sites=len(self.config.sites), max_rows=self.max_prototype_rows,
-                                      min_count=self.config.min_prototype_images):
+        if reason := check_update(flat, self.config.max_update_norm, self.sites_copy.trained_from):
             return reason, {}
+        if not self.algorithm.site_sends:
+            return None, {"weights": flat}
+        try:
+            payload = R.read_payload(content.get(R.PAYLOAD), self.algorithm.site_sends, self.size)
+        except ValueError as e:
+            return str(e), {}
+        return None, {"weights": flat, "payload": payload}
+
+    def _decoded_prototypes(self, content: RecordDict) -> tuple[str | None, dict]:
+        """A summary reply's prototypes, or why they are rejected: a missing or malformed record, rows that fail
+        ``check_bank``, rows of another site than the reply's."""
+        if R.PROTOTYPES not in content:
+            return "no prototypes record", {}
+        rows = max_prototype_rows(self.config)
+        try:
+            bank = R.read_bank(content[R.PROTOTYPES], self.proj_dim, rows)
+        except ValueError as e:
+            return str(e), {}
+        if reason := check_bank(bank, self.config, self.proj_dim, rows):
+            return reason, {}
+        site_id = int(content[R.METRICS][R.SITE_ID])
         if bank.sites.ne(site_id).any():
             return f"prototype record must hold prototypes of site-id {site_id} only", {}
         return None, {"bank": bank}

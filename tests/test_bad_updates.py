@@ -316,7 +316,7 @@ def test_update_norm_bound(caplog: pytest.LogCaptureFixture) -> None:
 
     def accepted(bound: float) -> list[int]:
         strategy = strategy_for(config, min_sites=1, max_update_norm=bound)
-        strategy.sent_flat = sent[R.FLAT].numpy()  # as configure_train sets it
+        strategy.sites_copy.trained_from = sent[R.FLAT].numpy()  # as configure_train sets it
         strategy.aggregate_train(1, [wire(r) for r in replies])
         return sorted(strategy.dataset_sizes)  # the sites whose reply was accepted
 

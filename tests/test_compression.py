@@ -15,6 +15,7 @@ from fl_covid.checkpoint import ServerState
 from fl_covid.config import load_config
 from fl_covid.federated import shared_keys
 from fl_covid.model import create_model
+from fl_covid.transport import INT8_BLOCK, dequantize, encode, quantize, weights_digest
 from tests.inprocess import run_dir, run_federation
 
 
@@ -71,10 +72,10 @@ def test_a_record_of_the_other_compression_is_refused() -> None:
 
 def test_encode_refuses_what_it_cannot_represent() -> None:
     with pytest.raises(ValueError, match="compression 'int4' is not one of"):
-        R.encode(np.zeros(2, np.float32), "int4")
+        encode(np.zeros(2, np.float32), "int4")
     for bad in (np.array([1.0, np.nan], np.float32), np.array([1e5], np.float32)):
         with pytest.raises(ValueError, match="cannot be sent as fp16.*compression=none"):
-            R.encode(bad, "fp16")
+            encode(bad, "fp16")
 
 
 def test_federation_sends_fp16_both_ways_and_averages_in_float32(tmp_path: Path) -> None:
@@ -86,7 +87,7 @@ def test_federation_sends_fp16_both_ways_and_averages_in_float32(tmp_path: Path)
         if R.WEIGHTS in msg.content:
             assert msg.content[R.WEIGHTS][R.FLAT].numpy().dtype == float16
     summary = grid.delivery(0, 2, "evaluate").message.content[R.WEIGHTS][R.FLAT].numpy()
-    assert grid.delivery(0, 2).message.content[R.CONFIG][R.DIGEST] == R.weights_digest(summary.astype(np.float32))
+    assert grid.delivery(0, 2).message.content[R.CONFIG][R.DIGEST] == weights_digest(summary.astype(np.float32))
     replies = [d.reply for d in grid.deliveries if d.kind == "train" and d.round == 2]
     assert len(replies) == 2
     for reply in replies:  # site -> server
@@ -101,13 +102,13 @@ def test_federation_sends_fp16_both_ways_and_averages_in_float32(tmp_path: Path)
 
 def test_int8_quantisation_error_is_bounded_per_block() -> None:
     rng = np.random.default_rng(0)
-    values = np.concatenate([rng.normal(0, 1e-3, R.INT8_BLOCK), rng.normal(0, 10, R.INT8_BLOCK),
+    values = np.concatenate([rng.normal(0, 1e-3, INT8_BLOCK), rng.normal(0, 10, INT8_BLOCK),
                              np.zeros(7)]).astype(np.float32)
-    q, scales = R.quantize(values)
+    q, scales = quantize(values)
     assert q.dtype == np.int8 and scales.shape == (3,) and scales[2] == 0
-    back = R.dequantize(q, scales)
+    back = dequantize(q, scales)
     for b in range(3):  # at most half a step of each block's own scale
-        block = slice(b * R.INT8_BLOCK, (b + 1) * R.INT8_BLOCK)
+        block = slice(b * INT8_BLOCK, (b + 1) * INT8_BLOCK)
         assert np.all(np.abs(back[block] - values[block]) <= scales[b] / 2 * (1 + 1e-5) + 1e-12)
     record = R.difference_record(q, scales)
     assert np.array_equal(R.read_difference(record, len(values)), back)

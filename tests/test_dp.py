@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from dp_accounting import dp_event, pld
 from scipy import optimize, stats
 
 from fl_covid import records as R
@@ -36,10 +37,15 @@ def unit_projections(n: int = 40, dim: int = 128, seed: int = 0) -> tuple[torch.
     return z, torch.arange(n) % 2
 
 
-def test_sigma_is_the_classic_gaussian_mechanism() -> None:
-    # sqrt(2 ln(1.25 / 1e-5)) = sqrt(2 * 11.7360690) = 4.84480526; / epsilon 0.5 -> 9.68961053
-    assert gaussian_sigma(0.5, 1e-5, 1.0) == pytest.approx(9.68961053, abs=1e-7)
-    assert gaussian_sigma(0.5, 1e-5, 2.0) == pytest.approx(2 * 9.68961053, abs=1e-6)  # linear in sensitivity
+def test_sigma_makes_a_release_exactly_epsilon_delta() -> None:
+    """Both mechanisms of a release share one noise multiplier s, so the release is sqrt(2) / s-GDP; s is the
+    smallest for which that is (epsilon, delta)-DP: the Gaussian mechanism's closed form (Balle & Wang 2018,
+    Theorem 8), written out here with scipy, gives delta at epsilon."""
+    for epsilon in (0.1, 0.5, 1.0, 10.0, 50.0):
+        mu = math.sqrt(2) / gaussian_sigma(epsilon, 1e-5, 1.0)
+        delta = stats.norm.cdf(-epsilon / mu + mu / 2) - math.exp(epsilon) * stats.norm.cdf(-epsilon / mu - mu / 2)
+        assert delta == pytest.approx(1e-5, rel=1e-6)
+    assert gaussian_sigma(0.5, 1e-5, 2.0) == 2 * gaussian_sigma(0.5, 1e-5, 1.0)  # linear in the sensitivity
     with pytest.raises(ValueError):
         gaussian_sigma(0.0, 1e-5, 1.0)
 
@@ -50,7 +56,7 @@ def test_noise_scale_matches_the_formula() -> None:
     true_sums = torch.stack([clip * z[y == c].sum(0) for c in (0, 1)]).double()
     true_counts = torch.tensor([20.0, 20.0], dtype=torch.float64)
     sigma, sigma_count = gaussian_sigma(1.0, 1e-5, clip), gaussian_sigma(1.0, 1e-5, 1.0)
-    assert sigma == pytest.approx(0.5 * 4.84480526, abs=1e-7)
+    assert sigma == pytest.approx(clip * sigma_count)
     g = torch.Generator().manual_seed(1)
     draws = [noisy_class_sums(z, y, clip, sigma, sigma_count, g) for _ in range(1000)]
     sum_noise = torch.stack([s for s, _ in draws]) - true_sums  # (1000, 2, 128): 256000 samples
@@ -110,6 +116,21 @@ def test_accounting_matches_the_closed_form_of_composed_gaussians(epsilon: float
         report["total"]["epsilon"], rel=1e-9)
 
 
+@pytest.mark.parametrize("epsilon", [0.1, 0.5, 1.0, 4.0, 10.0, 50.0])
+def test_a_release_spends_at_most_its_epsilon(epsilon: float) -> None:
+    """dp-epsilon is the epsilon of one release (class sums and counts together, at dp-delta): the reported
+    per-release epsilon never exceeds it and is tight (no more noise than needed), and Google's PLD accountant, an
+    independent upper bound, finds the same for the noise the release adds."""
+    delta = 1e-5
+    report = privacy_report(epsilon, delta, 1.0, 1)
+    assert report["per-release"]["epsilon"] <= epsilon and report["total"]["epsilon"] <= epsilon
+    assert report["per-release"]["epsilon"] == pytest.approx(epsilon, rel=1e-6)
+    accountant = pld.PLDAccountant(value_discretization_interval=1e-3 * epsilon)
+    accountant.compose(dp_event.ComposedDpEvent([dp_event.GaussianDpEvent(report["sigma-sum"]),
+                                                 dp_event.GaussianDpEvent(report["sigma-count"])]))
+    assert accountant.get_epsilon(delta) == pytest.approx(epsilon, rel=0.01)
+
+
 def test_the_ledger_counts_each_distinct_release(tmp_path: Path) -> None:
     """The same release asked again (a resume repeats its noise exactly) counts once; a release of the same run and
     round with any other input (here another epsilon) is a release of its own and counts."""
@@ -130,6 +151,16 @@ def test_the_ledger_counts_each_distinct_release(tmp_path: Path) -> None:
     # planned releases count only for rounds without a recorded release
     assert again.epsilon(1e-5, again.planned("run-a", 3, 1.0, 1e-5)) == again.epsilon(1e-5)
     assert again.epsilon(1e-5, again.planned("run-c", 1, 1.0, 1e-5)) > again.epsilon(1e-5)
+
+
+def test_the_ledger_counts_entries_of_the_classic_calibration_at_their_cost(tmp_path: Path) -> None:
+    """A ledger written before the exact calibration (entries without gdp-mu) keeps counting those releases at the
+    noise they had: the classic multiplier sqrt(2 ln(1.25 / delta)) / epsilon for each of the two mechanisms."""
+    file = tmp_path / "ledger.json"
+    file.write_text(json.dumps({"releases": {"old|1|d": {"dp-epsilon": 1.0, "dp-delta": 1e-5}}}))
+    classic = math.sqrt(2 * math.log(1.25 / 1e-5)) / 1.0
+    assert PrivacyLedger(file).epsilon(1e-5) == pytest.approx(gdp_epsilon(math.sqrt(2) / classic, 1e-5), rel=1e-6)
+    assert PrivacyLedger(file).epsilon(1e-5) > 1.0  # the classic pair spent more than its nominal epsilon
 
 
 def test_the_noise_depends_on_everything_released() -> None:

@@ -53,10 +53,11 @@ def test_resumed_run_matches_the_uninterrupted_one(tmp_path: Path) -> None:
     assert all(resumed[k].dtype == reference[k].dtype and torch.equal(resumed[k], reference[k]) for k in resumed)
 
 
-@pytest.mark.parametrize("method", ["fedadam", "fedavgm"])
+@pytest.mark.parametrize("method", ["fedadam", "fedyogi", "fedavgm"])
 def test_a_resumed_server_optimizer_keeps_its_moments(tmp_path: Path, method: str) -> None:
-    """FedAdam's moments and FedAvgM's momentum live in Flower's strategy: the checkpoint carries them, so the
-    resumed run ends bitwise where the uninterrupted one does (without them round 2 restarts the moments)."""
+    """FedAdam's and FedYogi's moments and FedAvgM's momentum live in Flower's strategy: the checkpoint carries
+    them, so the resumed run ends bitwise where the uninterrupted one does (without them round 2 restarts the
+    moments)."""
     _, reference_out = shared_run(method)
     with pytest.raises(NotEnoughSites, match="round 2"):
         run_federation(tmp_path, method=method, tamper=lose_round_2_training(), **{"num-server-rounds": 2})
