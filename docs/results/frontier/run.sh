@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# The frontier of the round shape at the CPU budget (630 local steps of 16 images per site, as the centralized rows'
-# epochs=6): fedbn-proto, fedbn and fedbn-proto with SCAFFOLD's drift correction (fedbn-proto-scaffold, local SGD
-# at sgd-lr) with 5, 10, 21, 45 and 105 local steps per round (126, 63, 30, 14, 6 rounds),
+# Federated fold-runs at the CPU budget (630 local steps of 16 images per site, as the centralized rows' epochs=6),
 # equal site weights (the default), 4 folds, accumulating in docs/results/frontier/<method>-ls<steps>/: a fold-run
-# already there is skipped, so a later start continues. Seed 0 of every variant first, then seeds 1 and 2.
-# Then: fl-covid-decide docs/results/frontier/* docs/results/cpu-grouped/runs/{contrastive,sepnorm} \
+# already there is skipped, so a later start continues. In order:
+#   1. the parity rows at 63 rounds x 10 local steps, seeds 0-2: fedbn-proto, fedbn;
+#   2. the other federated rows of Table I at 63 x 10, seed 0: fedavg, fedprox, fedadam, fedyogi, fedavgm,
+#      scaffold, fedbn-series-adapter, fedbn-parallel-adapter, fedbn-ms-net;
+#   3. the frontier of the round shape, seed 0: fedbn-proto and fedbn with 105, 21, 45 and 5 local steps per round
+#      (6, 30, 14, 126 rounds), then fedbn-proto-scaffold at the same shapes;
+#   4. seeds 1-2 of the frontier.
+# SCAFFOLD's local SGD rate was chosen by the pooled-validation rule among 0.01, 0.03, 0.1 at 63 x 10
+# (fedbn-proto-scaffold-ls10*): sgd-lr 0.01, the default.
+# Then: fl-covid-decide docs/results/frontier/*-ls* docs/results/cpu-grouped/runs/{contrastive,sepnorm} \
 #         --out docs/results/frontier
 # Usage: docs/results/frontier/run.sh [MINUTES]   (no fold-run starts after MINUTES)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 end=$(( $(date +%s) + ${1:-100000} * 60 ))
-for seeds in 1 2 3; do
-  for steps in 10 105 5 21 45; do
-    for method in fedbn-proto fedbn fedbn-proto-scaffold; do
-      left=$(( (end - $(date +%s)) / 60 ))
-      [ "$left" -gt 0 ] || exit 0
-      fl-covid-protocol --method "$method" --config configs/default.yaml --folds 4 --seeds "$seeds" --jobs 2 \
-        --set local-steps="$steps" --set num-server-rounds=$(( 630 / steps )) \
-        --out "$here/$method-ls$steps" --stop-after "$left" --quiet
-    done
-  done
+run() {  # method, number of seeds, local steps
+  local left=$(( (end - $(date +%s)) / 60 ))
+  [ "$left" -gt 0 ] || exit 0
+  fl-covid-protocol --method "$1" --config configs/default.yaml --folds 4 --seeds "$2" --jobs 2 \
+    --set local-steps="$3" --set num-server-rounds=$(( 630 / $3 )) \
+    --out "$here/$1-ls$3" --stop-after "$left" --quiet
+}
+for method in fedbn-proto fedbn; do run "$method" 3 10; done
+for method in fedavg fedprox fedadam fedyogi fedavgm scaffold fedbn-series-adapter fedbn-parallel-adapter \
+              fedbn-ms-net; do
+  run "$method" 1 10
+done
+for seeds in 1 3; do
+  for steps in 105 21 45 5; do for method in fedbn-proto fedbn; do run "$method" "$seeds" "$steps"; done; done
+  for steps in 105 21 45 5; do run fedbn-proto-scaffold "$seeds" "$steps"; done
 done
