@@ -27,6 +27,7 @@ FINAL_METRICS = "final_metrics.json"
 HISTORY_CSV = "metrics.csv"
 HISTORY_JSON = "metrics.json"
 CONFIG_JSON = "config.json"
+PROTOCOL_FILE = "protocol.json"  # fl-covid-protocol's record of its fold-runs, in its --out folder
 PROTOCOL_TEXT = {  # how each split protocol (config key protocol) splits a site, for reports
     "grouped": "stratified K-fold with every patient (Site B) and near-duplicate cluster (Site A) in one part "
                "(StratifiedGroupKFold); validation carved from the training folds the same way",

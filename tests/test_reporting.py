@@ -128,6 +128,22 @@ def test_same_method_fold_and_seed_twice_is_refused(runs: Path, tmp_path: Path) 
     assert main([str(tmp_path / "nothing-here"), "--out", str(tmp_path / "o")]) == 2
 
 
+def test_variants_make_one_row_per_protocol_folder(tmp_path: Path) -> None:
+    for variant, auc in (("style1.0", 0.6), ("cue0.3", 0.7)):
+        folder = tmp_path / "loso" / variant
+        for fold in (0, 1):
+            fake_run(folder / f"fold{fold}-seed0", "run", "single", fold, 0, auc + fold / 10, 0.5)
+        (folder / "protocol.json").write_text("{}")
+    with pytest.raises(ReportError, match="appears twice"):  # one method: one row, the same fold-runs twice
+        write_report([tmp_path / "loso"], tmp_path / "out")
+    write_report([tmp_path / "loso"], tmp_path / "out", by_variant=True)
+    rows = {row["method"]: row for row in aggregate(
+        [r for d in find_run_dirs([tmp_path / "loso"]) for r in load_results(d, by_variant=True)])}
+    assert set(rows) == {"style1.0", "cue0.3"}
+    assert rows["cue0.3"]["n_runs"] == 2 and rows["cue0.3"]["auc_mean"] == pytest.approx(75.0)
+    assert "| cue0.3 |" in (tmp_path / "out" / "table.md").read_text()
+
+
 def test_protocols_are_never_pooled(runs: Path, tmp_path: Path) -> None:
     fake_run(runs, "image-ours-00", "fedbn-proto", 0, 0, 0.99, 0.99, protocol="image")
     fake_run(runs, "image-fedbn-00", "fedbn", 0, 0, 0.95, 0.95, protocol="image")

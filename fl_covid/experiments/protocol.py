@@ -44,11 +44,10 @@ from fl_covid.errors import ConfigError
 from fl_covid.experiments.federation import FlowerCLI, LocalGrid, default_run_config, run_in_process
 from fl_covid.experiments.unseen import evaluate_unseen, parse_bn
 from fl_covid.methods import CENTRAL_METHODS, FEDERATED_METHODS, METHODS
-from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, PROTOCOL_TEXT, write_json
+from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, PROTOCOL_FILE, PROTOCOL_TEXT, write_json
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_FILE = "protocol.json"
 ENGINES = ("inprocess", "flower")
 # settings that do not change what a run learns: a finished fold-run with other values is still reused
 REUSE_IGNORES = frozenset({"output-dir", "device", "num-threads", "resume", "site-nodes"})

@@ -36,7 +36,15 @@ from fl_covid.config import Config
 from fl_covid.methods import METHODS
 from fl_covid.metrics import ROC_FPR_GRID
 from fl_covid.model import bn_keys, build_model, local_keys
-from fl_covid.reporting import CONFIG_JSON, FINAL_METRICS, PROTOCOL_TEXT, atomic_write_bytes, save_figure, write_csv
+from fl_covid.reporting import (
+    CONFIG_JSON,
+    FINAL_METRICS,
+    PROTOCOL_FILE,
+    PROTOCOL_TEXT,
+    atomic_write_bytes,
+    save_figure,
+    write_csv,
+)
 
 OURS = "fedbn-proto"
 REFERENCES = (OURS, "contrastive")  # the methods every other row is tested against
@@ -102,8 +110,18 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def load_results(run_dir: Path) -> list[SiteResult]:
-    """The per-site results of one run directory."""
+def variant_of(run_dir: Path) -> str:
+    """The name of the ``fl-covid-protocol --out`` folder holding a run directory (the nearest folder above it with
+    protocol.json); the run directory's own name when there is none."""
+    for folder in run_dir.parents:
+        if (folder / PROTOCOL_FILE).is_file():
+            return folder.name
+    return run_dir.name
+
+
+def load_results(run_dir: Path, by_variant: bool = False) -> list[SiteResult]:
+    """The per-site results of one run directory; ``by_variant``: labelled by its protocol folder (``variant_of``)
+    instead of its method, so that runs of one method under different settings are rows of their own."""
     final = json.loads((run_dir / FINAL_METRICS).read_text())
     config = json.loads((run_dir / CONFIG_JSON).read_text()) if (run_dir / CONFIG_JSON).is_file() else {}
     for key in ("method", "sites", "protocol", "fold", "seed"):
@@ -111,7 +129,7 @@ def load_results(run_dir: Path) -> list[SiteResult]:
             raise ReportError(f"{run_dir / FINAL_METRICS} has no '{key}' (written by an older version?)")
     arch = config.get("arch", "redesigned")
     method = final["method"]
-    label = method if arch == "redesigned" else f"{method} [{arch}]"
+    label = variant_of(run_dir) if by_variant else method if arch == "redesigned" else f"{method} [{arch}]"
     if final["protocol"] == "unseen-site":
         trained = tuple(final.get("trained_sites", ()))
         setting = f"unseen site, BN {final.get('bn')}, trained on {'+'.join(trained)}"
@@ -403,10 +421,12 @@ def plot_roc_overlays(results: list[SiteResult], out: Path) -> list[Path]:
     return files
 
 
-def write_report(paths: Iterable[str | Path], out: str | Path, planned: int = 0) -> list[Path]:
-    """Everything of ``fl-covid-report``; returns the files written. ``planned``: fold-runs planned per row."""
+def write_report(paths: Iterable[str | Path], out: str | Path, planned: int = 0, by_variant: bool = False
+                 ) -> list[Path]:
+    """Everything of ``fl-covid-report``; returns the files written. ``planned``: fold-runs planned per row;
+    ``by_variant``: one row per protocol folder (``variant_of``) instead of per method."""
     out = Path(out)
-    results = mark_partial_training([r for d in find_run_dirs(paths) for r in load_results(d)])
+    results = mark_partial_training([r for d in find_run_dirs(paths) for r in load_results(d, by_variant)])
     check_unique(results)
     rows, tests, claims = aggregate(results), paired_tests(results), check_claims(results)
     for row in rows:
@@ -429,10 +449,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder for table.md, table.csv, claims.csv, ttests.csv, roc_*.png")
     parser.add_argument("--planned", type=int, default=0, metavar="N",
                         help="fold-runs planned per row (folds x seeds), shown beside n")
+    parser.add_argument("--variants", action="store_true",
+                        help="one row per fl-covid-protocol --out folder (named after it) instead of per method: runs "
+                             "of one method with different settings side by side")
     args = parser.parse_args(argv)
 
     def work() -> int:
-        files = write_report(args.runs, args.out, args.planned)
+        files = write_report(args.runs, args.out, args.planned, args.variants)
         print((Path(args.out) / "table.md").read_text().strip())
         print(*files, sep="\n")
         return 0
