@@ -28,7 +28,7 @@ from fl_covid.methods import CENTRAL_METHODS, METHODS
 from fl_covid.metrics import operating_point, roc_on_grid
 from fl_covid.model import initial_model, one_site_state
 from fl_covid.objective import build_objective
-from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
+from fl_covid.reporting import RunWriter, new_run_dir, summary_lines, write_predictions
 from fl_covid.seeding import derive
 from fl_covid.shift import shift_profile
 from fl_covid.site_model import model_card, save_site_model
@@ -127,8 +127,8 @@ def run_central(config: Config, method: str, show_progress: bool = True) -> Path
     final = writer.finish(method, {s: r["metrics"] for s, r in results.items()},
                           {s: r["roc"] for s, r in results.items()}, protocol=config.protocol, fold=config.fold,
                           seed=config.seed, wall_seconds=round(time.perf_counter() - started, 1))
-    for site, m in final["sites"].items():
-        log.info("%s %s: AUC %.4f accuracy %.4f (n=%d)", method, site, m["auc"], m["accuracy"], m["n"])
+    for line in summary_lines(final):
+        log.info("%s %s", method, line)
     return writer.dir
 
 

@@ -93,6 +93,22 @@ def final_metrics(method: str, per_site: Mapping[str, Mapping[str, float]], **ex
     return {"method": method, "sites": sites, "validation": validation, "operating_point": operating, **extra}
 
 
+def summary_lines(final: Mapping[str, Any]) -> list[str]:
+    """One line per site of a ``final_metrics`` result: the test fold's AUC and, at threshold 0.5, accuracy, F1,
+    sensitivity, specificity and precision; then, for a site with an operating point, its threshold and the
+    sensitivity and specificity there."""
+    lines = []
+    for site, m in final["sites"].items():
+        line = (f"{site}: AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f} F1 {m['f1']:.4f} sensitivity "
+                f"{m['sensitivity']:.4f} specificity {m['specificity']:.4f} precision {m['precision']:.4f} "
+                f"(n={m['n']})")
+        if (op := final.get("operating_point", {}).get(site)) is not None:
+            line += (f"; at the validation-chosen threshold {op['threshold']:.3f}: sensitivity "
+                     f"{op['sensitivity']:.4f} specificity {op['specificity']:.4f}")
+        lines.append(line)
+    return lines
+
+
 class RunWriter:
     """Owns one run directory: config, history rows, final metrics and figures."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fl_covid.config import load_config
 from fl_covid.data import load_configured_site
 from fl_covid.experiments.predict import main as predict_main
 from fl_covid.metrics import operating_point
+from fl_covid.reporting import summary_lines
 from fl_covid.site_model import load_site_model, model_card
 from tests.conftest import SITE_A, SITE_B
 from tests.inprocess import run_dir, run_federation
@@ -56,10 +58,19 @@ def check_operating_points(run: Path, final: dict) -> None:
         assert card["threshold"] == point["threshold"] and card["threshold_rule"] == YOUDEN_RULE
 
 
-def test_a_federation_reports_each_sites_operating_point(tmp_path: Path) -> None:
-    run_federation(tmp_path, method="fedbn", **{"num-server-rounds": 1})
+def test_a_federation_reports_each_sites_operating_point(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_federation(tmp_path, method="fedbn", **{"num-server-rounds": 1})
     run = run_dir(tmp_path)
-    check_operating_points(run, json.loads((run / "final_metrics.json").read_text()))
+    final = json.loads((run / "final_metrics.json").read_text())
+    check_operating_points(run, final)
+    printed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("FINAL fedbn ")]
+    assert printed == [f"FINAL fedbn {line}" for line in summary_lines(final)] and len(printed) == 2
+    for site, point in final["operating_point"].items():
+        line = next(p for p in printed if f" {site}: " in p)
+        assert f"threshold {point['threshold']:.3f}: sensitivity {point['sensitivity']:.4f} specificity " \
+               f"{point['specificity']:.4f}" in line
+
 
 @pytest.fixture(scope="module")
 def central_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -113,3 +124,14 @@ def test_the_card_says_which_rule_chose_its_threshold() -> None:
     assert (chosen["threshold"], chosen["threshold_rule"]) == (0.25, YOUDEN_RULE)
     assert (fallback["threshold"], fallback["threshold_rule"]) == (0.5, DEFAULT_RULE)
 
+
+def test_summary_lines_put_the_operating_point_beside_the_half_threshold() -> None:
+    half = {"auc": 0.9, "accuracy": 0.8, "f1": 0.75, "sensitivity": 0.7, "specificity": 0.85, "precision": 0.8,
+            "n": 20}
+    final = {"sites": {"a": half, "b": half},
+             "operating_point": {"a": {"threshold": 0.31, "accuracy": 0.85, "f1": 0.8, "sensitivity": 0.9,
+                                       "precision": 0.75, "specificity": 0.8}}}
+    a, b = summary_lines(final)
+    assert a == ("a: AUC 0.9000 accuracy 0.8000 F1 0.7500 sensitivity 0.7000 specificity 0.8500 precision 0.8000 "
+                 "(n=20); at the validation-chosen threshold 0.310: sensitivity 0.9000 specificity 0.8000")
+    assert b.startswith("b: AUC 0.9000") and "threshold" not in b  # no operating point: the 0.5 metrics only
