@@ -25,10 +25,10 @@ from fl_covid.data import IndexStream, Site, Split, load_configured_site
 from fl_covid.engine import Chunk, cosine_lr, evaluate, make_optimizer, select_device, train_steps
 from fl_covid.errors import ConfigError
 from fl_covid.methods import CENTRAL_METHODS, METHODS
-from fl_covid.metrics import roc_on_grid
+from fl_covid.metrics import operating_point, roc_on_grid
 from fl_covid.model import initial_model, one_site_state
 from fl_covid.objective import build_objective
-from fl_covid.reporting import RunWriter, new_run_dir, write_predictions
+from fl_covid.reporting import RunWriter, new_run_dir, summary_lines, write_predictions
 from fl_covid.seeding import derive
 from fl_covid.shift import shift_profile
 from fl_covid.site_model import model_card, save_site_model
@@ -38,7 +38,10 @@ log = logging.getLogger(__name__)
 
 def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], members: list[int],
                writer: RunWriter, device: torch.device, bar: tqdm) -> dict[str, dict]:
-    """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site."""
+    """Train one model on the sites ``members`` (indices into ``sites``); returns test results per site: the
+    test fold's metrics, the validation split's as ``val_<name>`` and the operating point's as ``op_<name>``
+    (the threshold chosen on the validation split, the test metrics at it; absent when the split lacks a class),
+    and the ROC on the grid. Each site's model card records the operating point's threshold."""
     spec = METHODS[method]
     per_site_bn = spec.per_site_bn
     model = initial_model(config, len(members) if per_site_bn else 1)  # a federated run's, for the same seed
@@ -83,16 +86,19 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
                                   device)
         folder = site_folder(writer.dir.parent, writer.dir.name, site.name)
         write_predictions(folder / VAL_PREDICTIONS_CSV, site, split.val, val_probs)
-        profile = shift_profile(model, site.images[split.train], site.images[split.val], config.image_size,
-                                site=bn_index, seed=config.seed, device=device)
-        save_site_model(folder / SITE_MODEL, one_site_state(model, bn_index), model_card(
-            config, site, split.train, run=writer.dir.name, method=method, rounds=config.epochs,
-            validation={k: v for k, v in val.items() if k != "n"}, shift=profile))
         metrics, probs = evaluate(model, site.images[split.test], site.labels[split.test], bn_index,
                                   config.image_size, device)
         labels = site.labels[split.test].numpy()
         write_predictions(folder / PREDICTIONS_CSV, site, split.test, probs)
+        point = operating_point(site.labels[split.val].numpy(), val_probs, labels, probs)
+        profile = shift_profile(model, site.images[split.train], site.images[split.val], config.image_size,
+                                site=bn_index, seed=config.seed, device=device)
+        save_site_model(folder / SITE_MODEL, one_site_state(model, bn_index), model_card(
+            config, site, split.train, run=writer.dir.name, method=method, rounds=config.epochs,
+            validation={k: v for k, v in val.items() if k != "n"}, shift=profile,
+            operating_threshold=point["threshold"] if point is not None else None))
         metrics.update({f"val_{k}": v for k, v in val.items() if k != "n"})
+        metrics.update({f"op_{k}": v for k, v in (point or {}).items()})
         results[site.name] = {"metrics": metrics, "roc": roc_on_grid(labels, probs)}
     return results
 
@@ -121,8 +127,8 @@ def run_central(config: Config, method: str, show_progress: bool = True) -> Path
     final = writer.finish(method, {s: r["metrics"] for s, r in results.items()},
                           {s: r["roc"] for s, r in results.items()}, protocol=config.protocol, fold=config.fold,
                           seed=config.seed, wall_seconds=round(time.perf_counter() - started, 1))
-    for site, m in final["sites"].items():
-        log.info("%s %s: AUC %.4f accuracy %.4f (n=%d)", method, site, m["auc"], m["accuracy"], m["n"])
+    for line in summary_lines(final):
+        log.info("%s %s", method, line)
     return writer.dir
 
 

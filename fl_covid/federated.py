@@ -37,7 +37,7 @@ from fl_covid.config import Config
 from fl_covid.data import IndexStream, Site, Split
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.layout import flatten, layout_size, unflatten
-from fl_covid.metrics import roc_on_grid
+from fl_covid.metrics import operating_point, roc_on_grid
 from fl_covid.model import COVIDNet, bn_keys, initial_model, load_partial, local_keys
 from fl_covid.objective import build_objective
 from fl_covid.observe import emit
@@ -142,7 +142,9 @@ class Summary:
     """What a site makes of the weights it received at the start of a round (before training on them).
 
     ``metrics``: test-fold metrics and the validation split's as ``val_<name>`` (None when no evaluation was
-    due); ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID), (n_test,);
+    due), in the final summary also the site's operating point as ``op_<name>`` (``operating_point``: the
+    threshold chosen on the validation split, the test metrics at it; absent when the split lacks a class);
+    ``roc_tpr`` / ``probs``: the test fold's ROC on the grid and per-image P(COVID), (n_test,);
     ``val_probs``: the validation split's per-image P(COVID), (n_val,); ``prototypes``: this
     site's prototypes in the received network (None when the method exchanges none); ``bn``: the BN state to
     train from (statistics re-estimated under the received weights with ``bn-recalibration``, else the site's).
@@ -272,12 +274,16 @@ class SiteRunner:
         """A summary message at this site, files included: the received weights ``flat`` (N,) summarised
         (``summarise``) with the site's state of the round before; kept with the re-estimated BN for the round's
         training (``received/``), or after the last round (``final``) saved as the site's final model with its
-        model card; the per-image predictions written when evaluated."""
+        model card, whose decision threshold is the operating point's (added to the metrics as ``op_<name>``); the
+        per-image predictions written when evaluated."""
         local = LocalState.load(folder / SITE_STATE, server_round - 1)
         summary = self.summarise(unflatten(flat, self.layout), local, server_round, evaluate_now, prototypes_due,
                                  noise)
         if final:
-            self._save_final_model(folder, summary)
+            point = self.operating_point(summary)
+            if point is not None:
+                summary.metrics.update({f"op_{k}": v for k, v in point.items()})
+            self._save_final_model(folder, summary, point)
         else:  # the train message of this round names these weights by their digest
             Received(flat, summary.bn, server_round).save(folder / RECEIVED)
         if summary.metrics is not None:
@@ -285,16 +291,28 @@ class SiteRunner:
             write_predictions(folder / VAL_PREDICTIONS_CSV, self.site, self.split.val, summary.val_probs)
         return summary
 
-    def _save_final_model(self, folder: Path, summary: Summary) -> None:
+    def operating_point(self, summary: Summary) -> dict[str, float] | None:
+        """The operating point of an evaluated summary (``fl_covid.metrics.operating_point``): the threshold chosen
+        on this site's validation predictions and the test fold's metrics at it; None without an evaluation or when
+        the validation split lacks a class."""
+        if summary.metrics is None:
+            return None
+        labels = self.site.labels
+        return operating_point(labels[self.split.val].numpy(), summary.val_probs, labels[self.split.test].numpy(),
+                               summary.probs)
+
+    def _save_final_model(self, folder: Path, summary: Summary, point: dict[str, float] | None) -> None:
         """The site's complete final model (the global weights with its own BN, as loaded by the final summary)
-        and its model card: training images, validation metrics, shift profile."""
+        and its model card: training images, validation metrics, decision threshold (``point``'s, the operating
+        point, else 0.5), shift profile."""
         cfg, images = self.config, self.site.images
         profile = shift_profile(self.model, images[self.split.train], images[self.split.val], cfg.image_size,
                                 seed=cfg.seed, device=self.device)
         validation = {k[4:]: v for k, v in (summary.metrics or {}).items() if k.startswith("val_")}
         save_site_model(folder / SITE_MODEL, self.model.state_dict(), model_card(
             cfg, self.site, self.split.train, run=folder.parent.name, method=cfg.method,
-            rounds=cfg.num_server_rounds, validation=validation, shift=profile))
+            rounds=cfg.num_server_rounds, validation=validation, shift=profile,
+            operating_threshold=point["threshold"] if point is not None else None))
 
     def train_round(self, folder: Path, flat: np.ndarray, bn: dict[str, torch.Tensor] | None, lr: float,
                     server_round: int, bank: PrototypeBank | None, received: Payload

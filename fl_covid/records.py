@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fl_covid.layout import Layout, flatten, layout_of, layout_size, unflatten  # noqa: F401 - records of this layout
-from fl_covid.metrics import METRIC_NAMES
+from fl_covid.metrics import METRIC_NAMES, OPERATING_POINT_NAMES
 from fl_covid.prototypes import PrototypeBank
 from fl_covid.transport import INT8_BLOCK, Transfer, dequantize, encode, wire_dtype
 
@@ -53,10 +53,14 @@ SITE_ID = "site-id"
 ROC_TPR = "roc-tpr"
 TRAIN_METRICS = ("loss", "ce", "con", "train_accuracy", "seconds")
 VAL_METRICS = tuple(f"val_{m}" for m in METRIC_NAMES)  # the validation split's metrics
+# the site's operating point (fl_covid.metrics.operating_point): the threshold chosen on its validation split and
+# the test fold's metrics at it
+OPERATING_METRICS = tuple(f"op_{m}" for m in OPERATING_POINT_NAMES)
 # every metric key of a reply: the server rejects replies with other keys
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID, *TRAIN_METRICS)
 SUMMARY_REPLY_METRICS = (NUM_EXAMPLES, SITE_ID)  # + EVALUATION_METRICS when an evaluation was asked for
-EVALUATION_METRICS = (*METRIC_NAMES, *VAL_METRICS, ROC_TPR)
+EVALUATION_METRICS = (*METRIC_NAMES, *VAL_METRICS, ROC_TPR)  # + OPERATING_METRICS in the final summary, when the
+# site's validation split has both classes
 # prototype record keys: the fields of a PrototypeBank (``PrototypeBank.tensors``)
 P_VECTORS, P_LABELS, P_SITES, P_COUNTS = "vectors", "labels", "sites", "counts"
 

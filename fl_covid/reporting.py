@@ -21,7 +21,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from fl_covid.metrics import METRIC_NAMES, ROC_FPR_GRID
+from fl_covid.metrics import METRIC_NAMES, OPERATING_POINT_NAMES, ROC_FPR_GRID
 
 FINAL_METRICS = "final_metrics.json"
 HISTORY_CSV = "metrics.csv"
@@ -80,13 +80,33 @@ def new_run_dir(output_dir: Path, method: str, tag: str = "") -> Path:
 
 
 def final_metrics(method: str, per_site: Mapping[str, Mapping[str, float]], **extra: Any) -> dict[str, Any]:
-    """The ``final_metrics.json`` schema: method, per site the test fold's five metrics + specificity and n, and
-    under ``validation`` the same metrics on each site's validation split (where the per-site mapping has them as
-    ``val_<name>``)."""
+    """The ``final_metrics.json`` schema: method, per site the test fold's five metrics + specificity and n (at
+    threshold 0.5), under ``validation`` the same metrics on each site's validation split (where the per-site
+    mapping has them as ``val_<name>``), and under ``operating_point`` each site's threshold chosen on its
+    validation split with the test fold's accuracy, f1, sensitivity, precision and specificity at it (where the
+    mapping has them as ``op_<name>``: sites whose validation split has both classes)."""
     sites = {s: {k: m[k] for k in (*METRIC_NAMES, "n")} for s, m in per_site.items()}
     validation = {s: {k: m[f"val_{k}"] for k in METRIC_NAMES} for s, m in per_site.items()
                   if all(f"val_{k}" in m for k in METRIC_NAMES)}
-    return {"method": method, "sites": sites, "validation": validation, **extra}
+    operating = {s: {k: m[f"op_{k}"] for k in OPERATING_POINT_NAMES} for s, m in per_site.items()
+                 if all(f"op_{k}" in m for k in OPERATING_POINT_NAMES)}
+    return {"method": method, "sites": sites, "validation": validation, "operating_point": operating, **extra}
+
+
+def summary_lines(final: Mapping[str, Any]) -> list[str]:
+    """One line per site of a ``final_metrics`` result: the test fold's AUC and, at threshold 0.5, accuracy, F1,
+    sensitivity, specificity and precision; then, for a site with an operating point, its threshold and the
+    sensitivity and specificity there."""
+    lines = []
+    for site, m in final["sites"].items():
+        line = (f"{site}: AUC {m['auc']:.4f} accuracy {m['accuracy']:.4f} F1 {m['f1']:.4f} sensitivity "
+                f"{m['sensitivity']:.4f} specificity {m['specificity']:.4f} precision {m['precision']:.4f} "
+                f"(n={m['n']})")
+        if (op := final.get("operating_point", {}).get(site)) is not None:
+            line += (f"; at the validation-chosen threshold {op['threshold']:.3f}: sensitivity "
+                     f"{op['sensitivity']:.4f} specificity {op['specificity']:.4f}")
+        lines.append(line)
+    return lines
 
 
 class RunWriter:

@@ -4,10 +4,12 @@ branch) and a model card.
 Layout, written by every site after a federated run's last round and by ``fl-covid-central`` for every site::
 
     <folder>/model.pt     the one-site model's state dict, plain tensors (read with torch.load(weights_only=True))
-    <folder>/model.json   the model card: architecture, input, classes and threshold, run, training data
-                          fingerprint, the site's validation metrics, intended use, data licences, the shift
-                          profile of its training images (fl_covid.shift; aggregates only) and the AUC measured at
-                          unseen sites (``fl-covid-evaluate`` adds it)
+    <folder>/model.json   the model card: architecture, input, classes and decision threshold (chosen on the
+                          site's validation split by Youden's J, ``threshold_rule`` says so; 0.5 without a
+                          validation split of both classes), run, training data fingerprint, the site's validation
+                          metrics, intended use, data licences, the shift profile of its training images
+                          (fl_covid.shift; aggregates only) and the AUC measured at unseen sites
+                          (``fl-covid-evaluate`` adds it)
 
 Folders are ``<run dir or state dir>/<run name>/site-<name>/model``. Nothing here is shared with other sites.
 """
@@ -35,7 +37,9 @@ WEIGHTS_FILE = "model.pt"
 CARD_FILE = "model.json"
 INTENDED_USE = ("Research only, not for clinical use: trained on public 2D CT slices whose labels and sources "
                 "carry known biases; not validated for diagnosis or triage.")
-THRESHOLD = 0.5
+THRESHOLD = 0.5  # the decision threshold of a card without one, and of a site whose validation split cannot choose
+YOUDEN_RULE = "Youden's J on the validation split"
+DEFAULT_RULE = f"{THRESHOLD} (no validation split with both classes)"
 
 
 def training_fingerprint(site: Site, indices: Any) -> str:
@@ -48,9 +52,12 @@ def training_fingerprint(site: Site, indices: Any) -> str:
 
 
 def model_card(config: Config, site: Site, train_indices: Any, *, run: str, method: str, rounds: int,
-               validation: dict[str, float] | None, shift: dict[str, Any] | None) -> dict[str, Any]:
+               validation: dict[str, float] | None, shift: dict[str, Any] | None,
+               operating_threshold: float | None) -> dict[str, Any]:
     """The model card of ``site``'s model trained under ``config`` (JSON-friendly); ``shift``: the site's shift
-    profile (``fl_covid.shift.shift_profile``), None when it has too few images for one."""
+    profile (``fl_covid.shift.shift_profile``), None when it has too few images for one; ``operating_threshold``:
+    the decision threshold chosen on the site's validation split (``fl_covid.metrics.operating_threshold``), None
+    when the split lacks a class (the card then says 0.5)."""
     try:
         version = metadata.version("fl-covid")
     except metadata.PackageNotFoundError:
@@ -58,7 +65,9 @@ def model_card(config: Config, site: Site, train_indices: Any, *, run: str, meth
     return {
         "format": 1,
         "architecture": config.arch, "width": config.width, "image_size": config.image_size,
-        "classes": list(CLASSES), "positive_class": CLASSES[1], "threshold": THRESHOLD,
+        "classes": list(CLASSES), "positive_class": CLASSES[1],
+        "threshold": THRESHOLD if operating_threshold is None else float(operating_threshold),
+        "threshold_rule": DEFAULT_RULE if operating_threshold is None else YOUDEN_RULE,
         "method": method, "run": run, "rounds": rounds, "site": site.name, "sites": list(config.sites),
         "training_images": len(train_indices), "training_data_sha256": training_fingerprint(site, train_indices),
         "validation_metrics": validation or {},
@@ -102,6 +111,7 @@ class SiteModel:
 
     @property
     def threshold(self) -> float:
+        """P(COVID) at or above which an image is COVID: the card's (0.5 in a card without one)."""
         return float(self.card.get("threshold", THRESHOLD))
 
 

@@ -19,7 +19,7 @@ from fl_covid.federated import initial_shared
 from fl_covid.observe import emit
 from fl_covid.policy import TRUST_ENV, load_server_trust
 from fl_covid.privacy import run_privacy_report
-from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, write_csv, write_json
+from fl_covid.reporting import HISTORY_CSV, HISTORY_JSON, RunWriter, summary_lines, write_csv, write_json
 from server.collect import send_and_collect
 from server.signing import Signing
 from server.strategy import SitesMixin, build_strategy
@@ -151,16 +151,16 @@ def summarise(grid: Grid, strategy: SitesMixin, run: Run, arrays: ArrayRecord, s
 
 def finish(config: Config, run: Run, round_seconds: dict[str, float], wall_seconds: float) -> None:
     """final_metrics.json and figures from the last round's evaluation rows (with the ServerApp's wall time,
-    since this process started: a resumed run counts its own part); the final metrics to the log."""
+    since this process started: a resumed run counts its own part); the final metrics to the log, at 0.5 and at
+    each site's operating point."""
     last_eval = _evaluations(run.writer.rows, config.num_server_rounds)
     per_site = {s: {**r, "n": r[R.NUM_EXAMPLES]} for s, r in last_eval.items()}
     final = run.writer.finish(config.method, per_site, {s: r[R.ROC_TPR] for s, r in last_eval.items()},
                               protocol=config.protocol, fold=config.fold, seed=config.seed,
                               rounds=config.num_server_rounds, round_seconds=round_seconds,
                               wall_seconds=round(wall_seconds, 1))
-    for site, m in final["sites"].items():
-        log.info("FINAL %s %s: AUC %.4f accuracy %.4f F1 %.4f sensitivity %.4f precision %.4f (n=%d)",
-                 config.method, site, m["auc"], m["accuracy"], m["f1"], m["sensitivity"], m["precision"], m["n"])
+    for line in summary_lines(final):
+        log.info("FINAL %s %s", config.method, line)
     log.info("Results in %s", run.dir)
 
 

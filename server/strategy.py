@@ -50,11 +50,14 @@ def _without_metrics(content: RecordDict) -> str | None:
     return None if isinstance(content.get(R.METRICS), MetricRecord) else "no metrics record"
 
 
-def _unsound_metrics(metrics: MetricRecord, train: bool, evaluated: bool) -> str | None:
+def _unsound_metrics(metrics: MetricRecord, train: bool, evaluated: bool, final: bool = False) -> str | None:
     """Why a reply's metrics are not those of its kind (training; a summary, with an evaluation when one was asked
-    for), each a finite number, with a sound example count."""
+    for; the final evaluation with the site's operating point or, when its validation split cannot choose one,
+    without), each a finite number, with a sound example count."""
     expected = R.TRAIN_REPLY_METRICS if train else R.SUMMARY_REPLY_METRICS + (R.EVALUATION_METRICS if evaluated
                                                                               else ())
+    if evaluated and final and any(k in metrics for k in R.OPERATING_METRICS):
+        expected += R.OPERATING_METRICS  # all of them
     return (check_metrics(metrics, expected, {R.ROC_TPR: ROC_POINTS} if evaluated else {})
             or check_num_examples(metrics[R.NUM_EXAMPLES]))
 
@@ -212,9 +215,10 @@ class SitesMixin:
             return f"failed: {remote_text(msg.error.reason)}", {}
         content = msg.content
         prototypes = not train and self.config.prototypes_due(server_round)
+        final = not train and server_round > self.config.num_server_rounds
         if reason := (self._unsigned(msg) or _without_metrics(content) or self._not_its_site(msg)
                       or self._unexpected_records(content, train, prototypes)
-                      or _unsound_metrics(content[R.METRICS], train, evaluated)):
+                      or _unsound_metrics(content[R.METRICS], train, evaluated, final)):
             return reason, {}
         if train:
             return self._decoded_training(content)
@@ -364,6 +368,8 @@ class SitesMixin:
             if "bank" in decoded:  # sites that did not answer keep their last prototypes
                 self.bank = self.bank.merge(decoded["bank"])
             msg.content.pop(R.PROTOTYPES, None)
+            for key in R.OPERATING_METRICS:  # each site's own, not averaged (and not every site may have one)
+                msg.content[R.METRICS].pop(key, None)
             msg.content[R.METRICS][R.WEIGHT] = 1.0  # the logged mean of the sites' metrics is unweighted
         return super().aggregate_evaluate(server_round, [m for m, _ in good])  # type: ignore[misc]
 

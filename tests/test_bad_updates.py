@@ -5,6 +5,7 @@ of an in-process federation (tests/inprocess.py) with one thing corrupted; no co
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,12 @@ from tests.inprocess import run_federation, shared_run, wire
 SITE_B = "site_b_covidct"
 
 
-def strategy_for(config: Config, **overrides: Any) -> SitesMixin:
-    """The server's strategy as server_app builds it for ``config`` with ``overrides``."""
+def strategy_for(config: Config, on_row: Callable[[str, dict], None] | None = None, **overrides: Any) -> SitesMixin:
+    """The server's strategy as server_app builds it for ``config`` with ``overrides`` (``on_row``: receives the
+    rows it logs)."""
     config = config.replace(**overrides)
     initial, proj_dim = initial_shared(config)
-    return build_strategy(config, "bad-updates", R.layout_size(R.layout_of(initial)), proj_dim)
+    return build_strategy(config, "bad-updates", R.layout_size(R.layout_of(initial)), proj_dim, on_row=on_row)
 
 
 def flat(m: Message) -> np.ndarray:
@@ -350,3 +352,50 @@ def test_federation_continues_without_a_bad_site(tmp_path: Path, caplog: pytest.
 def test_federation_stops_when_too_few_sites_remain(tmp_path: Path) -> None:
     with pytest.raises(NotEnoughSites):
         run_federation(tmp_path, tamper=nan_from_site_b_in_round_1, method="fedbn", **{"num-server-rounds": 1})
+
+
+def final_summaries() -> tuple[Config, list[Message]]:
+    """The replies of both sites to the final summary (the last weights evaluated, with each site's operating
+    point) of a real fedbn run, as the server receives them."""
+    grid, _ = shared_run("fedbn")
+    config = federated_config(grid.run_config)
+    return config, [wire(grid.delivery(p, config.num_server_rounds + 1, "evaluate").reply) for p in (0, 1)]
+
+
+def drop_operating_point(m: Message, keep: tuple[str, ...] = ()) -> None:
+    """A reply as from a site whose validation split cannot choose an operating point (``keep``: a part of it)."""
+    for key in R.OPERATING_METRICS:
+        if key not in keep:
+            m.content[R.METRICS].pop(key)
+
+
+def test_the_final_evaluation_carries_each_sites_operating_point_whole_or_not_at_all(
+        caplog: pytest.LogCaptureFixture) -> None:
+    config, replies = final_summaries()
+    final = config.num_server_rounds + 1
+    assert all(set(R.OPERATING_METRICS) <= set(r.content[R.METRICS]) for r in replies)
+
+    def evaluate(server_round: int, messages: list[Message]) -> tuple[dict[str, dict], list[str]]:
+        rows: dict[str, dict] = {}
+        strategy = strategy_for(config, lambda kind, row: rows.setdefault(str(row["site"]), dict(row)), min_sites=1)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="server.strategy"):
+            mean = strategy.aggregate_evaluate(server_round, messages)
+        assert mean is not None and not set(R.OPERATING_METRICS) & set(mean)  # each site's own, never averaged
+        return rows, [r.getMessage() for r in caplog.records if "rejected summary reply" in r.getMessage()]
+
+    rows, rejected = evaluate(final, [wire(r) for r in replies])
+    assert not rejected and all(set(R.OPERATING_METRICS) <= set(row) for row in rows.values())
+    without = wire(replies[1])
+    drop_operating_point(without)  # accepted beside a site that has one: the run goes on
+    rows, rejected = evaluate(final, [wire(replies[0]), without])
+    assert not rejected and set(R.OPERATING_METRICS) <= set(rows[config.sites[0]])
+    assert not set(R.OPERATING_METRICS) & set(rows[SITE_B])
+    partial = wire(replies[1])
+    drop_operating_point(partial, keep=("op_threshold",))
+    _, rejected = evaluate(final, [wire(replies[0]), partial])
+    assert len(rejected) == 1 and SITE_B in rejected[0] and "missing ['op_accuracy'" in rejected[0]
+    earlier = wire(replies[0])
+    drop_operating_point(earlier)  # an operating point only in the final evaluation
+    _, rejected = evaluate(final - 1, [earlier, wire(replies[1])])
+    assert len(rejected) == 1 and SITE_B in rejected[0] and "unexpected [\"'op_" in rejected[0]

@@ -27,6 +27,8 @@ PAYLOADS = {"fedbn-proto-scaffold": {"control-delta"}}
 TRAIN_METRICS = {"num-examples", "site-id", "loss", "ce", "con", "train_accuracy", "seconds"}
 _SCORES = ("accuracy", "f1", "sensitivity", "precision", "specificity", "auc")
 EVALUATE_METRICS = {"num-examples", "site-id", *_SCORES, *(f"val_{m}" for m in _SCORES), "roc-tpr"}
+# the final evaluation adds the site's operating point: a threshold chosen on its validation split, test metrics at it
+OPERATING_POINT = {"op_threshold", "op_accuracy", "op_f1", "op_sensitivity", "op_precision", "op_specificity"}
 SUMMARY_METRICS = {"num-examples", "site-id"}  # a summary without an evaluation
 PROTOTYPE_ARRAYS = {"vectors": ((2, 128), np.float32), "labels": ((2,), np.int64), "sites": ((2,), np.int64),
                     "counts": ((2,), np.int64)}
@@ -106,7 +108,8 @@ def audit(d: Delivery, method: str, config: Config, sizes: dict[str, int], local
         small_arrays += protos.values()
 
     metrics = dict(content["metrics"])
-    assert set(metrics) == (TRAIN_METRICS if train else EVALUATE_METRICS if evaluated else SUMMARY_METRICS)
+    assert set(metrics) == (TRAIN_METRICS if train else SUMMARY_METRICS if not evaluated
+                            else EVALUATE_METRICS | OPERATING_POINT if final else EVALUATE_METRICS)
     for key, value in metrics.items():
         if key == "roc-tpr":
             assert isinstance(value, list) and len(value) == ROC_POINTS and all(0 <= v <= 1 for v in value)
