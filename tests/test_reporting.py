@@ -18,6 +18,7 @@ from fl_covid.experiments.report import (
     load_results,
     main,
     paired_tests,
+    variant_of,
     write_report,
 )
 from fl_covid.metrics import ROC_FPR_GRID
@@ -193,3 +194,14 @@ def test_claims_parameters_and_planned_runs(runs: Path, tmp_path: Path) -> None:
     assert float(single["auc_development_mean"]) == pytest.approx(80.5) and single["n_development"] == "2"
     assert float(single["auc_confirmation_mean"]) == pytest.approx(79.5) and single["n_confirmation"] == "2"
     assert "| 79.50 ± 0.71 (n=2) | 80.50 ± 0.71 (n=2) |" in (out / "table.md").read_text()
+
+
+def test_variant_of_one_rule_for_report_and_decide(tmp_path: Path) -> None:
+    """The protocol folder names a run's variant: protocol.json wins, then the folder above fold<f>-seed<s>."""
+    run = tmp_path / "loso" / "style-without-b" / "fold0-seed0" / "20260101-run"
+    (run / "unseen-site_b").mkdir(parents=True)
+    assert variant_of(run, "single") == "style-without-b"
+    assert variant_of(run / "unseen-site_b", "single") == "single"
+    (tmp_path / "loso" / "style-without-b" / "protocol.json").write_text("{}")
+    assert variant_of(run / "unseen-site_b", "single") == "style-without-b"
+    assert variant_of(tmp_path / "lone-run", "single") == "single"

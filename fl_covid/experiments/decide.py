@@ -20,7 +20,6 @@ import csv
 import dataclasses
 import functools
 import json
-import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,13 +36,12 @@ from sklearn.metrics import roc_auc_score
 from fl_covid.checkpoint import VAL_PREDICTIONS_CSV
 from fl_covid.cli import run_command
 from fl_covid.config import Config
-from fl_covid.experiments.report import OWN_TEST, ReportError, find_run_dirs, load_results, mean_std
+from fl_covid.experiments.report import OWN_TEST, ReportError, find_run_dirs, load_results, mean_std, variant_of
 from fl_covid.federated import shared_keys
 from fl_covid.methods import METHODS
 from fl_covid.model import build_model
 from fl_covid.reporting import CONFIG_JSON, atomic_write_bytes, save_figure, write_csv
 
-FOLD_DIR = re.compile(r"fold\d+-seed\d+")
 BYTES_PER_VALUE = {"none": 4, "fp16": 2, "int8": 1}  # int8 adds one float32 scale per 16384 values
 
 
@@ -70,14 +68,6 @@ class FoldRun:
     @property
     def rounds(self) -> int:
         return int(self.config.get("num-server-rounds", 0))
-
-
-def variant_of(run_dir: Path, method: str) -> str:
-    """The protocol folder a fold-run was written under (``OUT`` of ``OUT/fold<f>-seed<s>/<run>/``), else the
-    method."""
-    if FOLD_DIR.fullmatch(run_dir.parent.name):
-        return run_dir.parent.parent.name
-    return method
 
 
 def load_fold_runs(paths: Iterable[str | Path], seeds: set[int] | None = None) -> list[FoldRun]:

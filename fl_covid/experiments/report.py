@@ -57,6 +57,7 @@ CLAIMS = (("Joint below Single", "single", "joint"),
 TABLE_METRICS = (("accuracy", "Accuracy"), ("f1", "F1"), ("sensitivity", "Sensitivity"),
                  ("precision", "Precision"), ("auc", "AUC"))
 OWN_TEST = "own test fold"
+FOLD_DIR = re.compile(r"fold\d+-seed\d+")  # a fold-run's folder under fl-covid-protocol --out
 DEVELOPMENT_SEED = 0  # its test folds were looked at while settings were chosen; the other seeds confirm
 # Published AUCs (Wang, Liu, Dou, JBHI 2020; SPEC section 6), in percent, keyed by (method, arch) and site.
 # Their protocol: image-level 4-fold CV, 224 px, full-width model, 100 epochs, 3 runs.
@@ -110,13 +111,15 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def variant_of(run_dir: Path) -> str:
-    """The name of the ``fl-covid-protocol --out`` folder holding a run directory (the nearest folder above it with
-    protocol.json); the run directory's own name when there is none."""
+def variant_of(run_dir: Path, default: str) -> str:
+    """The ``fl-covid-protocol --out`` folder holding a run directory: the nearest folder above it with
+    protocol.json, else ``OUT`` of ``OUT/fold<f>-seed<s>/<run>/``, else ``default``."""
     for folder in run_dir.parents:
         if (folder / PROTOCOL_FILE).is_file():
             return folder.name
-    return run_dir.name
+    if FOLD_DIR.fullmatch(run_dir.parent.name):
+        return run_dir.parent.parent.name
+    return default
 
 
 def load_results(run_dir: Path, by_variant: bool = False) -> list[SiteResult]:
@@ -129,7 +132,7 @@ def load_results(run_dir: Path, by_variant: bool = False) -> list[SiteResult]:
             raise ReportError(f"{run_dir / FINAL_METRICS} has no '{key}' (written by an older version?)")
     arch = config.get("arch", "redesigned")
     method = final["method"]
-    label = variant_of(run_dir) if by_variant else method if arch == "redesigned" else f"{method} [{arch}]"
+    label = variant_of(run_dir, run_dir.name) if by_variant else method if arch == "redesigned" else f"{method} [{arch}]"
     if final["protocol"] == "unseen-site":
         trained = tuple(final.get("trained_sites", ()))
         setting = f"unseen site, BN {final.get('bn')}, trained on {'+'.join(trained)}"
