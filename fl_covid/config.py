@@ -53,10 +53,11 @@ class Config:
     dicom_window_width: float = WINDOW_WIDTH
     dicom_window_level: float = WINDOW_LEVEL
     # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square;
-    # robust per-image intensity standardisation; augmentation of zoom, contrast/gamma, blur (strength in [0, 1]);
+    # robust per-image intensity standardisation, or histogram equalisation (not both); augmentation of zoom, contrast/gamma, blur (strength in [0, 1]);
     # of the low-frequency amplitude spectrum (|u|, |v| <= spectrum-band cycles per pixel), grey-level warp, borders
     body_crop: bool = False
     standardize: bool = False
+    equalize: bool = False
     cue_augment: float = 0.0
     style_augment: float = 0.0
     spectrum_band: float = SPECTRUM_BAND
@@ -146,6 +147,8 @@ class Config:
         need(self.max_per_class >= 0, "max-per-class", "must be >= 0 (0 = all images)")
         need(0 < self.dicom_window_width < float("inf"), "dicom-window-width", "must be a finite number of HU > 0")
         need(abs(self.dicom_window_level) < float("inf"), "dicom-window-level", "must be a finite number of HU")
+        need(not (self.standardize and self.equalize), "equalize",
+             "excludes standardize (equalisation already undoes any increasing intensity change)")
         need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
         need(0.0 <= self.style_augment <= 1.0, "style-augment", "must be in [0, 1] (0 = off)")
         need(self.cue_adversarial >= 0, "cue-adversarial", "must be >= 0 (0 = off)")
@@ -232,8 +235,9 @@ class Config:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """How files become cached images (DICOM window, body crop, standardisation)."""
-        return Preprocessing((self.dicom_window_width, self.dicom_window_level), self.body_crop, self.standardize)
+        """How files become cached images (DICOM window, body crop, standardisation or equalisation)."""
+        return Preprocessing((self.dicom_window_width, self.dicom_window_level), self.body_crop, self.standardize,
+                             self.equalize)
 
     @property
     def effective_server_lr(self) -> float:

@@ -24,7 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from fl_covid.config import Config
 from fl_covid.dicom import dicom_tags, read_dicom
 from fl_covid.errors import DataError
-from fl_covid.preprocess import Preprocessing, body_crop, standardize
+from fl_covid.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -157,14 +157,12 @@ def is_dicom(path: Path) -> bool:
 
 
 def _finish(im: Image.Image, path: Path, size: int, prep: Preprocessing) -> np.ndarray:
-    """Grey image -> (cropped, standardised) ``size x size`` uint8."""
+    """Grey image -> (preprocessed, ``prep``) ``size x size`` uint8."""
     if min(im.size) < MIN_SIDE:
         raise DataError(f"image {path} is only {im.size[0]}x{im.size[1]} px (< {MIN_SIDE}); "
                         "remove it or supply the full-resolution slice")
-    if prep.body_crop or prep.standardize:
-        a = np.asarray(im.convert("L"))
-        a = standardize(body_crop(a) if prep.body_crop else a) if prep.standardize else body_crop(a)
-        im = Image.fromarray(np.ascontiguousarray(a))
+    if prep.changes_pixels:
+        im = Image.fromarray(np.ascontiguousarray(prep(np.asarray(im.convert("L")))))
     return np.asarray(im.convert("L").resize((size, size), Image.BILINEAR, reducing_gap=2.0))
 
 

@@ -6,13 +6,15 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
 
 - ``body_crop``: grey uint8 (H, W) -> the body's bounding box, padded to a square (aspect kept);
 - ``standardize``: grey uint8 (H, W) -> the body's 1st..99th intensity percentiles stretched to 0..255;
+- ``equalize``: grey uint8 (H, W) -> every grey level replaced by its mid-rank among the body's pixels (histogram
+  equalisation): every image's body then has the same, flat grey-level histogram;
 - ``cue_augment``: uint8 batch (B, 1, S, S) -> the same batch with random scale, gamma / contrast, blur and
   (optionally) JPEG re-compression, drawn from a ``torch.Generator``;
 - ``style_augment``: uint8 batch (B, 1, S, S) -> the same batch with its low-frequency amplitude spectrum
   randomly rescaled (a band of half-width ``band`` x S around DC: global intensity, vignetting, large-scale
   contrast), a random monotone grey-level warp (the histogram's shape, its percentiles) and random borders.
 
-The first two are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
+The first three are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
 which of them, and which DICOM window, make a file a cached image); the last two run on cached batches like
 ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``, ``style-augment``,
 ``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an image is used beyond
@@ -137,6 +139,23 @@ def standardize(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.n
         return img.copy()
     out = (img.astype(np.float32) - lo) * (255.0 / (hi - lo))
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def equalize(image: np.ndarray) -> np.ndarray:
+    """Histogram equalisation on the body: grey uint8 (H, W) -> uint8 (H, W).
+
+    Each grey level g maps to 255 x its mid-rank among the pixels inside ``body_mask`` (the whole image when the
+    body is under MIN_BODY_AREA of it): 255 x (P(v < g) + P(v = g) / 2). Any increasing change of the input's grey
+    levels (windowing, gamma, gain) gives the same output, and every body's grey-level percentiles are the same,
+    so the audit's percentile and contrast statistics no longer tell images apart. Levels absent from the body map
+    by the same formula (between their neighbours); a constant image becomes mid-grey (128)."""
+    img = _check_grey(image, "equalize")
+    mask = body_mask(img)
+    values = img[mask] if mask.sum() >= MIN_BODY_AREA * img.size else img.ravel()
+    hist = np.bincount(values, minlength=256).astype(np.float64)
+    below = np.cumsum(hist) - hist  # pixels darker than each level
+    lut = np.rint(255.0 * (below + hist / 2) / hist.sum()).astype(np.uint8)
+    return lut[img]
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -297,11 +316,33 @@ def style_augment(images: torch.Tensor, generator: torch.Generator, strength: fl
 class Preprocessing:
     """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
     config): the DICOM ``window`` (width, level) in HU (``fl_covid.dicom``); ``body_crop``: crop to the body, padded
-    square (``body_crop``); ``standardize``: robust per-image intensity standardisation (``standardize``)."""
+    square (``body_crop``); ``standardize``: robust per-image intensity standardisation (``standardize``);
+    ``equalize``: histogram equalisation on the body (``equalize``), after the crop; not with ``standardize``."""
 
     window: tuple[float, float] = (WINDOW_WIDTH, WINDOW_LEVEL)
     body_crop: bool = False
     standardize: bool = False
+    equalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.standardize and self.equalize:
+            raise ValueError("standardize and equalize exclude each other (equalisation already undoes any "
+                             "increasing intensity change)")
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        """Grey uint8 (H, W) -> uint8 (L, L) cropped and/or uint8 (H, W) intensity-normalised, as set."""
+        if self.body_crop:
+            image = body_crop(image)
+        if self.standardize:
+            image = standardize(image)
+        if self.equalize:
+            image = equalize(image)
+        return image
+
+    @property
+    def changes_pixels(self) -> bool:
+        """Whether decoding applies any of the above (the DICOM window aside)."""
+        return self.body_crop or self.standardize or self.equalize
 
 
 @dataclass(frozen=True)

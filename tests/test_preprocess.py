@@ -1,4 +1,4 @@
-"""Cue-removing preprocessing: body crop, intensity standardisation, cue and style augmentation (spectrum, grey-level
+"""Cue-removing preprocessing: body crop, intensity standardisation and equalisation, cue and style augmentation (spectrum, grey-level
 warp, borders), on synthetic slices with a known body and marks, and on real images from the embedded data."""
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import torch
 from PIL import Image
 
 from fl_covid.config import Config
+from fl_covid.data import decode_image
+from fl_covid.errors import ConfigError
 from fl_covid.preprocess import (
     body_crop,
     body_mask,
     cue_augment,
+    equalize,
     grey_warp,
     otsu_threshold,
     random_border,
@@ -106,6 +109,33 @@ def test_standardize_undoes_linear_intensity_changes():
     assert np.array_equal(standardize(const), const)
     with pytest.raises(ValueError, match="low < high"):
         standardize(img, 50, 10)
+
+
+def test_equalize_undoes_any_increasing_intensity_change_and_flattens_the_histogram():
+    img = _slice(mark=False)
+    f = img.astype(np.float64) / 255.0
+    variants = [img, np.rint(255 * f ** 2.2).astype(np.uint8), np.rint(0.5 * 255 * f + 60).astype(np.uint8)]
+    outs = [equalize(v) for v in variants]
+    assert all(o.dtype == np.uint8 and o.shape == img.shape for o in outs)
+    for o in outs[1:]:  # gamma and a linear squeeze: the same output up to merged grey levels
+        assert np.abs(o.astype(int) - outs[0].astype(int)).mean() < 3.0
+    assert np.abs(variants[1].astype(int) - img.astype(int)).mean() > 20  # the inputs really differ
+    body = outs[0][body_mask(img)]
+    assert abs(np.median(body) - 128) <= 8 and abs(np.percentile(body, 25) - 64) <= 12  # flat histogram
+    assert np.array_equal(equalize(np.full((20, 20), 40, np.uint8)), np.full((20, 20), 128, np.uint8))
+    with pytest.raises(ValueError, match="grey uint8"):
+        equalize(img.astype(np.int16))
+
+
+def test_equalize_in_decoding_and_config(tmp_path: Path):
+    path = tmp_path / "slice.png"
+    Image.fromarray(np.rint(0.4 * _slice(mark=False) + 30).astype(np.uint8)).save(path)
+    plain = decode_image(path, 32)
+    out = decode_image(path, 32, Config(equalize=True).preprocessing)
+    assert out.shape == plain.shape == (32, 32) and out.dtype == np.uint8
+    assert out.max() - out.min() > 1.5 * (plain.max() - plain.min())  # the squeezed range is spread out again
+    with pytest.raises(ConfigError, match="equalize"):
+        Config(equalize=True, standardize=True)
 
 
 def _batch(n: int = 12, size: int = 64) -> torch.Tensor:
