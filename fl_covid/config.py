@@ -60,6 +60,7 @@ class Config:
     equalize: bool = False
     cue_augment: float = 0.0
     style_augment: float = 0.0
+    random_convolution: float = 0.0  # probability of RandConv per training image (0 = off)
     spectrum_band: float = SPECTRUM_BAND
     # cue-adversarial training: weight of the reversed gradient of a site-local head regressing each training
     # image's cue statistics (fl_covid.cues.batch_cues) from its embedding (0 = off; the head never leaves a site)
@@ -151,6 +152,7 @@ class Config:
              "excludes standardize (equalisation already undoes any increasing intensity change)")
         need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
         need(0.0 <= self.style_augment <= 1.0, "style-augment", "must be in [0, 1] (0 = off)")
+        need(0.0 <= self.random_convolution <= 1.0, "random-convolution", "must be in [0, 1] (0 = off)")
         need(self.cue_adversarial >= 0, "cue-adversarial", "must be >= 0 (0 = off)")
         need(0.0 < self.spectrum_band <= 0.5, "spectrum-band", "must be in (0, 0.5] cycles per pixel")
         need(self.arch in ("redesigned", "covidnet"), "arch", "must be 'redesigned' or 'covidnet'")
@@ -205,8 +207,9 @@ class Config:
 
     @property
     def augmentation(self) -> Augmentation:
-        """What training does to its crops beyond random cropping (cue-augment, style-augment, spectrum-band)."""
-        return Augmentation(self.cue_augment, self.style_augment, self.spectrum_band)
+        """What training does to its crops beyond random cropping (cue-augment, style-augment, spectrum-band,
+        random-convolution)."""
+        return Augmentation(self.cue_augment, self.style_augment, self.spectrum_band, self.random_convolution)
 
     def prototypes_due(self, server_round: int) -> bool:
         """Whether the summary at the start of ``server_round`` computes and sends prototypes: methods that

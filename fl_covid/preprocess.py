@@ -12,12 +12,14 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
   (optionally) JPEG re-compression, drawn from a ``torch.Generator``;
 - ``style_augment``: uint8 batch (B, 1, S, S) -> the same batch with its low-frequency amplitude spectrum
   randomly rescaled (a band of half-width ``band`` x S around DC: global intensity, vignetting, large-scale
-  contrast), a random monotone grey-level warp (the histogram's shape, its percentiles) and random borders.
+  contrast), a random monotone grey-level warp (the histogram's shape, its percentiles) and random borders;
+- ``random_convolution``: uint8 batch (B, 1, S, S) -> the same batch passed through a random convolution (RandConv,
+  Xu et al. ICLR 2021): local texture, sharpness and contrast polarity randomised, shapes kept.
 
 The first three are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
-which of them, and which DICOM window, make a file a cached image); the last two run on cached batches like
+which of them, and which DICOM window, make a file a cached image); the last three run on cached batches like
 ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``, ``style-augment``,
-``spectrum-band``), each image with its own random numbers: no spectrum or statistic of an image is used beyond
+``spectrum-band``, ``random-convolution``), each image with its own random numbers: no spectrum or statistic of an image is used beyond
 it, so nothing leaves a site.
 """
 
@@ -47,6 +49,7 @@ APPLY_PROBABILITY = 0.5  # each operation touches an image with this probability
 MAX_AMPLITUDE_CHANGE = 0.5  # low-frequency amplitudes scaled by a factor in [1 - 0.5 s, 1 + 0.5 s]
 WARP_KNOTS = 4  # the grey-level warp: piecewise linear through WARP_KNOTS + 1 knots
 MAX_BORDER = 0.15  # each side's border up to this fraction of the image, at strength 1
+RANDCONV_KERNELS = (3, 5, 7)  # random_convolution's kernel sizes, one drawn per image
 SPECTRUM_BAND = 0.1  # style_augment's band in cycles per pixel, the default of the config's spectrum-band
 
 
@@ -312,6 +315,43 @@ def style_augment(images: torch.Tensor, generator: torch.Generator, strength: fl
     return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
+def random_convolution(images: torch.Tensor, generator: torch.Generator, probability: float = 1.0) -> torch.Tensor:
+    """RandConv on a uint8 batch (B, 1, S, S) -> uint8 (B, 1, S, S), on the batch's device.
+
+    Each image, with ``probability``: convolved (reflect padding) with its own random kernel of a size drawn from
+    RANDCONV_KERNELS and weights N(0, 1 / k^2) (Xu et al., ICLR 2021), the result given the image's own mean and
+    standard deviation, then mixed with the image by a random weight in [0, 1] and clipped to the grey range:
+    texture, sharpness and the sign of local contrast change, the anatomy's shapes stay. All random numbers come
+    from ``generator`` (a CPU generator) in a fixed amount per call; 0 returns an unchanged copy."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"random_convolution needs a uint8 (B, 1, S, S) batch, got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"random_convolution probability must be in [0, 1], got {probability}")
+    b, _, s, _ = images.shape
+    k_max = max(RANDCONV_KERNELS)
+    u = torch.rand(b, 3, generator=generator, device=generator.device)  # apply, kernel size, mixing weight
+    weights = torch.randn(b, 1, k_max, k_max, generator=generator, device=generator.device)
+    if probability == 0 or b == 0:
+        return images.clone()
+    x = images.float() / 255.0
+    choice = (u[:, 1] * len(RANDCONV_KERNELS)).long().clamp_max(len(RANDCONV_KERNELS) - 1)
+    sizes = torch.tensor(RANDCONV_KERNELS)[choice]
+    offset = (k_max - sizes) // 2  # a k x k kernel is the centre of a k_max x k_max one, zero around it
+    idx = torch.arange(k_max)
+    inside = ((idx >= offset[:, None]) & (idx < (offset + sizes)[:, None])).float()  # (B, k_max)
+    kernel = (weights * inside[:, None, :, None] * inside[:, None, None, :] / sizes.view(b, 1, 1, 1).float())
+    pad = k_max // 2
+    y = F.conv2d(F.pad(x.view(1, b, s, s), (pad, pad, pad, pad), mode="reflect"), kernel.to(x.device), groups=b)
+    y = y.view(b, 1, s, s)
+    mean, std = x.mean(dim=(2, 3), keepdim=True), x.std(dim=(2, 3), keepdim=True)
+    y = (y - y.mean(dim=(2, 3), keepdim=True)) / y.std(dim=(2, 3), keepdim=True).clamp_min(1e-6) * std + mean
+    alpha = u[:, 2].view(b, 1, 1, 1).to(x.device)
+    mixed = (alpha * x + (1 - alpha) * y).clamp(0, 1)
+    x = torch.where((u[:, 0] < probability).view(b, 1, 1, 1).to(x.device), mixed, x)
+    return (x * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
@@ -348,12 +388,14 @@ class Preprocessing:
 @dataclass(frozen=True)
 class Augmentation:
     """The training augmentation of the crops beyond random cropping: ``cue_augment`` at strength ``cue``, then
-    ``style_augment`` at strength ``style`` with spectrum band ``band`` (config keys cue-augment, style-augment,
-    spectrum-band); the identity when both strengths are 0 (and then no random number is drawn)."""
+    ``style_augment`` at strength ``style`` with spectrum band ``band``, then ``random_convolution`` with
+    probability ``randconv`` (config keys cue-augment, style-augment, spectrum-band, random-convolution); the
+    identity when all three are 0 (and then no random number is drawn)."""
 
     cue: float
     style: float
     band: float
+    randconv: float = 0.0
 
     def __call__(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 crops (B, 1, S, S) -> uint8 (B, 1, S, S)."""
@@ -361,4 +403,6 @@ class Augmentation:
             crops = cue_augment(crops, generator, self.cue)
         if self.style > 0:
             crops = style_augment(crops, generator, self.style, self.band)
+        if self.randconv > 0:
+            crops = random_convolution(crops, generator, self.randconv)
         return crops

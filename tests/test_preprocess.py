@@ -22,6 +22,7 @@ from fl_covid.preprocess import (
     grey_warp,
     otsu_threshold,
     random_border,
+    random_convolution,
     spectrum_jitter,
     standardize,
     style_augment,
@@ -255,3 +256,24 @@ def test_real_images_from_the_embedded_data():
     x = torch.from_numpy(np.stack(images)).unsqueeze(1)
     a = cue_augment(x, torch.Generator().manual_seed(0), 1.0, jpeg=True)
     assert torch.equal(a, cue_augment(x, torch.Generator().manual_seed(0), 1.0, jpeg=True))
+
+
+def test_random_convolution_changes_texture_keeps_mean_and_is_seeded():
+    x = _batch()
+    out = random_convolution(x, torch.Generator().manual_seed(3), 1.0)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out, random_convolution(x, torch.Generator().manual_seed(3), 1.0))
+    diff = (out.float() - x.float()).abs().mean(dim=(1, 2, 3))
+    assert (diff > 1.0).float().mean() >= 0.75  # nearly every image changes (a mixing weight near 1 may not)
+    assert (out.float().mean(dim=(1, 2, 3)) - x.float().mean(dim=(1, 2, 3))).abs().max() < 12  # mean kept
+    assert torch.equal(random_convolution(x, torch.Generator().manual_seed(3), 0.0), x)
+    some = random_convolution(x, torch.Generator().manual_seed(3), 0.5)
+    changed = (some != x).flatten(1).any(dim=1)
+    assert 0 < int(changed.sum()) < len(x)
+    with pytest.raises(ValueError, match="uint8"):
+        random_convolution(x.float(), torch.Generator(), 1.0)
+    with pytest.raises(ValueError, match="probability"):
+        random_convolution(x, torch.Generator(), 1.5)
+    with pytest.raises(ConfigError, match="random-convolution"):
+        Config(random_convolution=2.0)
+    assert Config(random_convolution=0.5).augmentation.randconv == 0.5
