@@ -68,6 +68,7 @@ def _train_one(config: Config, method: str, sites: list[tuple[Site, Split]], mem
         stats = train_steps(
             model, optimizer, next_batch, steps_per_epoch, objective, image_size=config.image_size,
             generator=aug_gen, grad_clip=config.grad_clip, augment=config.augmentation,
+            mixstyle=config.mixstyle,
             lr_at=lambda s, start=start: cosine_lr(config.lr, start + s, total), device=device, progress=bar.update,
         )
         stats["seconds"] = time.perf_counter() - started  # training steps of the epoch, without validation

@@ -61,6 +61,7 @@ class Config:
     cue_augment: float = 0.0
     style_augment: float = 0.0
     random_convolution: float = 0.0  # probability of RandConv per training image (0 = off)
+    mixstyle: float = 0.0  # probability of MixStyle on the stem's features per training chunk (0 = off)
     spectrum_band: float = SPECTRUM_BAND
     # cue-adversarial training: weight of the reversed gradient of a site-local head regressing each training
     # image's cue statistics (fl_covid.cues.batch_cues) from its embedding (0 = off; the head never leaves a site)
@@ -153,6 +154,7 @@ class Config:
         need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
         need(0.0 <= self.style_augment <= 1.0, "style-augment", "must be in [0, 1] (0 = off)")
         need(0.0 <= self.random_convolution <= 1.0, "random-convolution", "must be in [0, 1] (0 = off)")
+        need(0.0 <= self.mixstyle <= 1.0, "mixstyle", "must be in [0, 1] (0 = off)")
         need(self.cue_adversarial >= 0, "cue-adversarial", "must be >= 0 (0 = off)")
         need(0.0 < self.spectrum_band <= 0.5, "spectrum-band", "must be in (0, 0.5] cycles per pixel")
         need(self.arch in ("redesigned", "covidnet"), "arch", "must be 'redesigned' or 'covidnet'")

@@ -19,6 +19,7 @@ from torch import nn
 
 from fl_covid.data import eval_input, random_crops, to_input
 from fl_covid.metrics import binary_metrics
+from fl_covid.model import styles_mixed
 from fl_covid.objective import Objective, StepOutput
 
 
@@ -91,6 +92,7 @@ def train_steps(
     generator: torch.Generator,
     grad_clip: float,
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    mixstyle: float = 0.0,
     lr_at: Callable[[int], float] | None = None,
     device: torch.device | str = "cpu",
     progress: Callable[[int], None] | None = None,
@@ -101,7 +103,8 @@ def train_steps(
 
     Each step's chunks go through the model with their own BN; the projections, MS-Net's auxiliary logits and the
     cue head's predictions (with each chunk's cue statistics) are computed when the objective asks for them. ``lr_at(step)`` sets the learning rate per step. ``augment``
-    (``Config.augmentation``) changes the uint8 crops further, with random numbers from ``generator``.
+    (``Config.augmentation``) changes the uint8 crops further, with random numbers from ``generator``; so does
+    ``mixstyle`` > 0 (``fl_covid.model.styles_mixed``: MixStyle on the stem's features with this probability).
     ``amp``: bf16 autocast (default: on CUDA only). On CUDA the model and batches are channels_last, the uint8
     crops travel pinned and asynchronously, and the host reads the GPU only every FINITE_CHECK_EVERY steps and at
     the end (a non-finite loss is reported then, naming the steps it happened in).
@@ -120,53 +123,54 @@ def train_steps(
     sums = torch.zeros(4, device=device)  # loss, ce, con, correct
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     seen, checked = 0, 0
-    for step in range(steps):
-        if lr_at is not None:
-            set_lr(optimizer, lr_at(step))
-        chunks = next_batch()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, projections, labels, aux_logits, cue_predictions, cue_targets = [], [], [], [], [], []
-            for c in chunks:
-                crops = random_crops(c.images, image_size, generator)
-                if augment is not None:  # against dataset-specific cues (fl_covid.preprocess.Augmentation)
-                    crops = augment(crops, generator)
-                crops = to_device(crops, device)
-                x = to_input(crops)
-                if use_cuda:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                if objective.needs_auxiliary:
-                    features, aux_logit = model.forward_features_and_auxiliary(x, c.site)
-                    aux_logits.append(aux_logit)
-                else:
-                    features = model.forward_features(x, c.site)
-                logits.append(model.forward_head(features, c.site))
-                if objective.needs_projections:
-                    projections.append(model.project(features, c.site))
-                if objective.needs_cues:
-                    cue_targets.append(objective.cue_adversarial.targets(crops))
-                    cue_predictions.append(model.predict_cues(objective.cue_adversarial.reverse(features), c.site))
-                labels.append(to_device(c.labels, device))
-        # the losses in float32, outside autocast: similarities / temperature need more than bf16's 8 bits
-        out = StepOutput(torch.cat(logits).float(), torch.cat(labels),
-                         torch.cat(projections).float() if projections else None,
-                         torch.cat(aux_logits).float() if aux_logits else None,
-                         torch.cat(cue_predictions).float() if cue_predictions else None,
-                         torch.cat(cue_targets) if cue_targets else None)
-        loss, ce, con = objective(model, out)
-        nonfinite |= ~torch.isfinite(loss.detach())
-        if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:
-            if nonfinite.item():
-                raise FloatingPointError(f"training loss became NaN or Inf within steps {checked}..{step}: "
-                                         "lower lr or check the data")
-            checked = step + 1
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        sums += torch.stack([loss.detach(), ce.detach(), con.detach(), (out.logits.argmax(1) == out.labels).sum()])
-        seen += len(out.labels)
-        if progress is not None:
-            progress(1)
+    with styles_mixed(model, mixstyle, generator):
+        for step in range(steps):
+            if lr_at is not None:
+                set_lr(optimizer, lr_at(step))
+            chunks = next_batch()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits, projections, labels, aux_logits, cue_predictions, cue_targets = [], [], [], [], [], []
+                for c in chunks:
+                    crops = random_crops(c.images, image_size, generator)
+                    if augment is not None:  # against dataset-specific cues (fl_covid.preprocess.Augmentation)
+                        crops = augment(crops, generator)
+                    crops = to_device(crops, device)
+                    x = to_input(crops)
+                    if use_cuda:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    if objective.needs_auxiliary:
+                        features, aux_logit = model.forward_features_and_auxiliary(x, c.site)
+                        aux_logits.append(aux_logit)
+                    else:
+                        features = model.forward_features(x, c.site)
+                    logits.append(model.forward_head(features, c.site))
+                    if objective.needs_projections:
+                        projections.append(model.project(features, c.site))
+                    if objective.needs_cues:
+                        cue_targets.append(objective.cue_adversarial.targets(crops))
+                        cue_predictions.append(model.predict_cues(objective.cue_adversarial.reverse(features), c.site))
+                    labels.append(to_device(c.labels, device))
+            # the losses in float32, outside autocast: similarities / temperature need more than bf16's 8 bits
+            out = StepOutput(torch.cat(logits).float(), torch.cat(labels),
+                             torch.cat(projections).float() if projections else None,
+                             torch.cat(aux_logits).float() if aux_logits else None,
+                             torch.cat(cue_predictions).float() if cue_predictions else None,
+                             torch.cat(cue_targets) if cue_targets else None)
+            loss, ce, con = objective(model, out)
+            nonfinite |= ~torch.isfinite(loss.detach())
+            if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:
+                if nonfinite.item():
+                    raise FloatingPointError(f"training loss became NaN or Inf within steps {checked}..{step}: "
+                                             "lower lr or check the data")
+                checked = step + 1
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            sums += torch.stack([loss.detach(), ce.detach(), con.detach(), (out.logits.argmax(1) == out.labels).sum()])
+            seen += len(out.labels)
+            if progress is not None:
+                progress(1)
     loss, ce, con, correct = sums.tolist()
     n = max(steps, 1)
     return {"loss": loss / n, "ce": ce / n, "con": con / n, "train_accuracy": correct / max(seen, 1)}

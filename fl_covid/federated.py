@@ -258,7 +258,8 @@ class SiteRunner:
         terms = algorithm.site_terms(received, kept, lambda flat: unflatten(flat, self.layout))
         stats = train_steps(
             self.model, optimizer, next_batch, cfg.local_steps, build_objective(cfg, candidates, shared, terms),
-            image_size=cfg.image_size, grad_clip=cfg.grad_clip, augment=cfg.augmentation, device=self.device,
+            image_size=cfg.image_size, grad_clip=cfg.grad_clip, augment=cfg.augmentation, mixstyle=cfg.mixstyle,
+            device=self.device,
             generator=torch.Generator().manual_seed(derive(cfg.seed, "augment", self.site_id, server_round)),
         )
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}

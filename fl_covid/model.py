@@ -12,6 +12,10 @@ ModuleList and uses the copy ``select_site`` chose; ``local_keys`` finds their t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -307,6 +311,42 @@ def create_model(
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     return COVIDNet(arch == "redesigned", width, num_sites, num_classes, image_size=image_size, adapter=adapter,
                     auxiliary=auxiliary, num_cues=num_cues)
+
+
+MIXSTYLE_ALPHA = 0.1  # MixStyle's Beta(alpha, alpha) mixing weights (Zhou et al., ICLR 2021)
+
+
+def mix_styles(x: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """MixStyle on features (B, C, H, W) -> (B, C, H, W): with ``probability`` (one draw per call), every image's
+    per-channel mean and standard deviation are replaced by a mix of its own and those of another image of the batch
+    (a random permutation), with a weight ~ Beta(0.1, 0.1) per image; the statistics are detached, as in the paper.
+    Otherwise, or with fewer than 2 images, ``x`` unchanged. The random numbers come from ``generator`` (a CPU
+    generator) in a fixed amount per call."""
+    b = x.shape[0]
+    u = float(torch.rand(1, generator=generator))
+    perm = torch.randperm(b, generator=generator)
+    seed = int(torch.randint(2 ** 31, (1,), generator=generator))
+    if u >= probability or b < 2:
+        return x
+    lam = torch.from_numpy(np.random.default_rng(seed).beta(MIXSTYLE_ALPHA, MIXSTYLE_ALPHA, b)).to(x)
+    lam = lam.view(b, 1, 1, 1)
+    mu = x.mean(dim=(2, 3), keepdim=True).detach()
+    sigma = (x.var(dim=(2, 3), keepdim=True) + 1e-6).sqrt().detach()
+    return (x - mu) / sigma * (lam * sigma + (1 - lam) * sigma[perm]) + lam * mu + (1 - lam) * mu[perm]
+
+
+@contextmanager
+def styles_mixed(model: COVIDNet, probability: float, generator: torch.Generator) -> Iterator[None]:
+    """Within the block, the stem's output goes through ``mix_styles`` (``probability`` > 0; else nothing changes):
+    training only, so evaluation, BN re-estimation and prototypes never see it."""
+    if probability <= 0:
+        yield
+        return
+    hook = model.stem.register_forward_hook(lambda _module, _inputs, out: mix_styles(out, generator, probability))
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def build_model(config: Config, num_sites: int = 1) -> COVIDNet:
