@@ -32,6 +32,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PROTOCOLS = ("grouped", "image", "official")
 COMPRESSIONS = ("none", "fp16", "int8")
 FEDAVG_WEIGHTS = ("equal", "dataset")
+BN_TRANSFORMS = ("eval", "train")  # the images of the BN re-estimation (bn-transform)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,10 @@ class Config:
     summary_images: int = 256
     # re-estimate a site's BN running statistics under the received weights before evaluating / training
     bn_recalibration: bool = True
+    # the images of that re-estimation: "eval" (the evaluation transform: the whole image resized) or "train" (the
+    # training transform: random crops and flips, as the running statistics of training see them); one value for
+    # every site or "SITE=eval|train,..." per site (a site not named: eval)
+    bn_transform: str = "eval"
     # evaluate every k rounds (the last round always)
     eval_every: int = 1
     # Adam's moments across rounds: "keep" (restored from the site's state) or "reset" every round
@@ -195,6 +200,10 @@ class Config:
             self.pinned_nodes
         except ValueError as e:
             raise ConfigError(f"config key 'site-nodes' {e}") from None
+        try:
+            self.bn_transforms
+        except ValueError as e:
+            raise ConfigError(f"config key 'bn-transform' {e}") from None
         need(self.max_update_norm >= 0, "max-update-norm", "must be >= 0 (0 = no bound on a site's update)")
         need(self.dp_epsilon >= 0, "dp-epsilon", "must be >= 0 (0 = prototypes without noise)")
         need(0 < self.dp_delta < 1, "dp-delta", "must be in (0, 1)")
@@ -232,6 +241,20 @@ class Config:
                 raise ValueError(f"pins a site or a node twice: {self.site_nodes!r}")
             out[self.sites.index(site)] = int(node)
         return out
+
+    @property
+    def bn_transforms(self) -> tuple[str, ...]:
+        """``bn-transform`` per site index ("eval" or "train"); ValueError when it names an unknown site or value."""
+        if self.bn_transform in BN_TRANSFORMS:
+            return (self.bn_transform,) * len(self.sites)
+        out = {site: "eval" for site in self.sites}
+        for pair in filter(None, (p.strip() for p in self.bn_transform.split(","))):
+            site, sep, value = pair.partition("=")
+            if not sep or site not in self.sites or value not in BN_TRANSFORMS:
+                raise ValueError(f"must be one of {BN_TRANSFORMS} or 'SITE=VALUE,...' with SITE among {self.sites}, "
+                                 f"got {pair!r}")
+            out[site] = value
+        return tuple(out[site] for site in self.sites)
 
     @property
     def cache_size(self) -> int:

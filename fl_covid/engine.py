@@ -200,12 +200,13 @@ def predict(
 
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, images: torch.Tensor, image_size: int, site: int = 0, batch_size: int = 128,
-                   device: torch.device | str = "cpu") -> None:
+                   device: torch.device | str = "cpu", crops: torch.Generator | None = None) -> None:
     """Re-estimate every BN layer's running mean/var under the model's current weights from uint8 images
     (N, 1, R, R), labels not needed: statistics are reset, then accumulated as a cumulative average (momentum
-    None) over train-mode forward passes of the eval transform (no augmentation) through trunk, classifier and
-    projection head; affine parameters and every other weight are untouched. The model is left in eval mode with
-    its original momenta."""
+    None) over train-mode forward passes through trunk, classifier and projection head of the eval transform (the
+    whole image resized), or with ``crops`` of the training transform (random crops and flips drawn from it, no
+    further augmentation: what the running statistics of training see); affine parameters and every other weight
+    are untouched. The model is left in eval mode with its original momenta."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if len(images) < 2:
         raise ValueError("re-estimating BN statistics needs at least 2 images")
@@ -218,7 +219,9 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor, image_size: int, site
     try:
         # near-equal chunks: a last batch of one image would break BatchNorm1d in train mode
         for chunk in torch.tensor_split(images, math.ceil(len(images) / batch_size)):
-            features = model.forward_features(eval_input(to_device(chunk, torch.device(device)), image_size), site)
+            x = (eval_input(to_device(chunk, torch.device(device)), image_size) if crops is None
+                 else to_input(to_device(random_crops(chunk, image_size, crops), torch.device(device))))
+            features = model.forward_features(x, site)
             model.forward_head(features, site)
             if getattr(model, "projector", None) is not None:
                 model.project(features, site)

@@ -200,9 +200,9 @@ class SiteRunner:
     def summarise(self, shared: dict[str, torch.Tensor], local: LocalState | None, server_round: int,
                   evaluate_now: bool, prototypes_due: bool, noise: torch.Generator | None = None) -> Summary:
         """Load the received weights with this site's BN, re-estimate the BN statistics under them
-        (``bn-recalibration``, on the ``summary-images`` subset), evaluate on the validation split and the test
-        fold (``evaluate_now``) and compute this site's prototypes (``prototypes_due``, methods that exchange
-        them). ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image:
+        (``bn-recalibration``, on the ``summary-images`` subset, through the site's ``bn-transform``), evaluate on
+        the validation split and the test fold (``evaluate_now``) and compute this site's prototypes
+        (``prototypes_due``, methods that exchange them). ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image:
         a subset drawn by position would change with any added or removed image, and the clipped class sums would
         lose their sensitivity bound."""
         cfg = self.config
@@ -210,7 +210,9 @@ class SiteRunner:
         images, labels = self.site.images, self.site.labels
         subset = self.summary_indices(server_round)
         if cfg.bn_recalibration and not cfg.spec.shares_bn:
-            recalibrate_bn(self.model, images[subset], cfg.image_size, device=self.device)
+            crops = (torch.Generator().manual_seed(derive(cfg.seed, "bn-crops", self.site_id, server_round))
+                     if cfg.bn_transforms[self.site_id] == "train" else None)
+            recalibrate_bn(self.model, images[subset], cfg.image_size, device=self.device, crops=crops)
         metrics = roc = probs = val_probs = None
         if evaluate_now:
             val, val_probs = evaluate(self.model, images[self.split.val], labels[self.split.val], 0, cfg.image_size,

@@ -29,6 +29,10 @@ from fl_covid.reporting import PROTOCOL_TEXT
         ({"fold": -1}, "fold"),
         ({"protocol": "random"}, "protocol"),
         ({"image-size": 16}, "image-size"),
+        ({"bn-transform": "crops"}, "bn-transform"),
+        ({"bn-transform": "site_x=train"}, "bn-transform"),  # not a site of the run
+        ({"bn-transform": "site_a_sarscov2=resize"}, "bn-transform"),
+        ({"equalize": True, "standardize": True}, "equalize"),
     ],
 )
 def test_bad_values_raise_naming_the_key(overrides: dict, key: str) -> None:
@@ -146,3 +150,11 @@ def test_the_in_process_run_config_refuses_unknown_keys() -> None:
 
 def test_every_split_protocol_is_described_for_reports() -> None:
     assert set(PROTOCOL_TEXT) == set(PROTOCOLS)
+
+
+def test_bn_transform_one_value_or_per_site() -> None:
+    sites = ["site_a_sarscov2", "site_b_covidct"]
+    assert load_config(None, {"sites": sites}).bn_transforms == ("eval", "eval")
+    assert load_config(None, {"sites": sites, "bn-transform": "train"}).bn_transforms == ("train", "train")
+    per_site = load_config(None, {"sites": sites, "bn-transform": "site_a_sarscov2=train"})
+    assert per_site.bn_transforms == ("train", "eval")

@@ -107,6 +107,18 @@ def test_fedbn_site_restores_its_own_bn_and_re_estimates_its_statistics(method: 
     assert not same(stored[0], stored[1])  # each site keeps its own BN
 
 
+def test_bn_transform_train_re_estimates_from_training_crops_at_the_named_site_only(tmp_path: Path) -> None:
+    """bn-transform=SITE_A=train: site A's statistics come from the training transform, site B's stay those of the
+    evaluation transform, bitwise as without the key (round 2: both runs received the same weights)."""
+    grid, _ = shared_run("fedbn")
+    named = run_federation(tmp_path, method="fedbn", overrides=f"bn-transform={SITE_A}=train",
+                           **{"num-server-rounds": 2})
+    for p, changed in ((0, True), (1, False)):
+        before, after = grid.delivery(p, 2).loaded_bn, named.delivery(p, 2).loaded_bn
+        assert same(affine(before), affine(after))
+        assert same(statistics(before), statistics(after)) is not changed
+
+
 def test_sites_keep_their_test_and_validation_predictions() -> None:
     _, output = shared_run("fedbn")
     for site in SITES:

@@ -9,6 +9,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
 
+from fl_covid.data import random_crops
+from fl_covid.engine import recalibrate_bn
 from fl_covid.model import PEPX, STAGE_BLOCKS, bn_keys, create_model, load_partial, local_keys
 
 
@@ -235,3 +237,20 @@ def test_load_partial_loads_shared_and_checks_keys() -> None:
         load_partial(target, {**shared, "not.a.key": torch.zeros(1)}, set(local))
     with pytest.raises(ValueError, match="partial load mismatch"):
         load_partial(target, shared, set())
+
+
+def test_bn_re_estimation_through_the_training_transform_sees_the_training_crops() -> None:
+    """crops=generator: the statistics of exactly the crops (and flips) that generator draws, as if those crops
+    had been passed through the evaluation transform at their own size (a resize to the same size is the
+    identity); without it, the whole images resized: other statistics."""
+    images = torch.randint(0, 256, (12, 1, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    models = [create_model("redesigned", 0.125, 1, image_size=32) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    recalibrate_bn(models[0], images, 32, crops=torch.Generator().manual_seed(5))
+    recalibrate_bn(models[1], random_crops(images, 32, torch.Generator().manual_seed(5)), 32)
+    recalibrate_bn(models[2], images, 32)
+    stats = [{k: v for k, v in m.state_dict().items() if "running" in k} for m in models]
+    for k in stats[0]:
+        torch.testing.assert_close(stats[0][k], stats[1][k], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(stats[0][k], stats[2][k]) for k in stats[0])
