@@ -421,8 +421,8 @@ def to_json(config: Config) -> str:
 FEDERATION_ONLY_KEYS = frozenset({
     "num-server-rounds", "local-steps", "min-sites", "round-timeout", "compression", "fedavg-weights",
     "max-update-norm", "site-nodes", "min-prototype-images", "prototypes-per-class", "prototype-weight",
-    "prototype-every", "summary-images", "bn-recalibration", "eval-every", "optimizer-state", "proximal-mu",
-    "sgd-lr", "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta", "dp-clip"})
+    "prototype-every", "summary-images", "bn-recalibration", "bn-transform", "eval-every", "optimizer-state",
+    "proximal-mu", "sgd-lr", "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta", "dp-clip"})
 CENTRAL_ONLY_KEYS = frozenset({"epochs"})
 FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir",
                   "resume")
