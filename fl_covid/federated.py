@@ -34,7 +34,7 @@ from fl_covid.checkpoint import (
     tensor_digest,
 )
 from fl_covid.config import Config
-from fl_covid.data import IndexStream, Site, Split
+from fl_covid.data import IndexStream, Site, Split, random_crops
 from fl_covid.engine import Chunk, evaluate, make_optimizer, predict, recalibrate_bn, set_lr, train_steps
 from fl_covid.layout import flatten, layout_size, unflatten
 from fl_covid.metrics import operating_point, roc_on_grid
@@ -202,16 +202,17 @@ class SiteRunner:
         """Load the received weights with this site's BN, re-estimate the BN statistics under them
         (``bn-recalibration``, on the ``summary-images`` subset, through the site's ``bn-transform``), evaluate on
         the validation split and the test fold (``evaluate_now``) and compute this site's prototypes
-        (``prototypes_due``, methods that exchange them). ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image:
+        (``prototypes_due``, methods that exchange them; through the same transform as the statistics). ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image:
         a subset drawn by position would change with any added or removed image, and the clipped class sums would
         lose their sensitivity bound."""
         cfg = self.config
         self._load(shared, local.bn if local is not None else None)
         images, labels = self.site.images, self.site.labels
         subset = self.summary_indices(server_round)
+        training_transform = cfg.bn_transforms[self.site_id] == "train"
         if cfg.bn_recalibration and not cfg.spec.shares_bn:
             crops = (torch.Generator().manual_seed(derive(cfg.seed, "bn-crops", self.site_id, server_round))
-                     if cfg.bn_transforms[self.site_id] == "train" else None)
+                     if training_transform else None)
             recalibrate_bn(self.model, images[subset], cfg.image_size, device=self.device, crops=crops)
         metrics = roc = probs = val_probs = None
         if evaluate_now:
@@ -224,7 +225,11 @@ class SiteRunner:
         prototypes = None
         if prototypes_due and cfg.spec.prototypes:
             members = self.split.train if cfg.dp_epsilon > 0 else subset
-            _, z = predict(self.model, images[members], 0, cfg.image_size, device=self.device, with_projections=True)
+            seen = images[members]
+            if training_transform:  # the same images as the statistics: training crops (resized to their size: as is)
+                seen = random_crops(seen, cfg.image_size, torch.Generator().manual_seed(
+                    derive(cfg.seed, "prototype-crops", self.site_id, server_round)))
+            _, z = predict(self.model, seen, 0, cfg.image_size, device=self.device, with_projections=True)
             y = labels[members]
             prototypes = PrototypeBank.of_site(self.site_id, *(
                 private_prototypes(z, y, cfg.dp_epsilon, cfg.dp_delta, noise, cfg.dp_clip, cfg.min_prototype_images)

@@ -159,6 +159,18 @@ def test_prototypes_round_trip_bitwise() -> None:
     assert R.PROTOTYPES not in grid.delivery(0, 3, "evaluate").reply.content  # the final summary sends none
 
 
+def test_prototypes_through_the_training_transform_at_the_named_site_only(tmp_path: Path) -> None:
+    """bn-transform=SITE_A=train: site A's round-1 prototypes come from training crops under statistics of
+    training crops, site B's are bit for bit those of the default run (both started from the same weights)."""
+    grid, _ = shared_run("fedbn-proto")
+    named = run_federation(tmp_path, method="fedbn-proto", overrides=f"bn-transform={SITE_A}=train",
+                           **{"num-server-rounds": 1})
+    for p, changed in ((0, True), (1, False)):
+        before, after = (raw(g.delivery(p, 1, "evaluate").reply.content[R.PROTOTYPES])[R.P_VECTORS]
+                         for g in (grid, named))
+        assert bitwise_equal(before, after) is not changed
+
+
 def with_bank_rows_negated(delivery: Delivery, site: int) -> RecordDict:
     """The delivery's message content with the prototypes of ``site`` in its bank negated (still unit rows)."""
     content = wire(delivery.message).content
