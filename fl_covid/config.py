@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, fields
 from functools import cache
 from importlib import metadata
@@ -54,7 +54,8 @@ class Config:
     dicom_window_width: float = WINDOW_WIDTH
     dicom_window_level: float = WINDOW_LEVEL
     # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square;
-    # robust per-image intensity standardisation, or histogram equalisation (not both); augmentation of zoom, contrast/gamma, blur (strength in [0, 1]);
+    # robust per-image intensity standardisation, or histogram equalisation (not both); augmentation of zoom,
+    # contrast/gamma, blur (strength in [0, 1]);
     # of the low-frequency amplitude spectrum (|u|, |v| <= spectrum-band cycles per pixel), grey-level warp, borders
     body_crop: bool = False
     standardize: bool = False
@@ -233,10 +234,7 @@ class Config:
     def pinned_nodes(self) -> dict[int, int]:
         """``site-nodes`` as site index -> node id; ValueError when it names an unknown site or a bad id."""
         out: dict[int, int] = {}
-        for pair in filter(None, (p.strip() for p in self.site_nodes.split(","))):
-            site, sep, node = pair.partition("=")
-            if not sep or site not in self.sites or not node.strip().isdigit():
-                raise ValueError(f"must be 'SITE=NODE_ID,...' with SITE among {self.sites}, got {pair!r}")
+        for site, node in self._site_pairs(self.site_nodes, "'SITE=NODE_ID,...'", lambda v: v.strip().isdigit()):
             if self.sites.index(site) in out or int(node) in out.values():
                 raise ValueError(f"pins a site or a node twice: {self.site_nodes!r}")
             out[self.sites.index(site)] = int(node)
@@ -244,17 +242,25 @@ class Config:
 
     @property
     def bn_transforms(self) -> tuple[str, ...]:
-        """``bn-transform`` per site index ("eval" or "train"); ValueError when it names an unknown site or value."""
+        """``bn-transform`` per site index ("eval" or "train"); ValueError when it names an unknown site or
+        value."""
         if self.bn_transform in BN_TRANSFORMS:
             return (self.bn_transform,) * len(self.sites)
         out = {site: "eval" for site in self.sites}
-        for pair in filter(None, (p.strip() for p in self.bn_transform.split(","))):
-            site, sep, value = pair.partition("=")
-            if not sep or site not in self.sites or value not in BN_TRANSFORMS:
-                raise ValueError(f"must be one of {BN_TRANSFORMS} or 'SITE=VALUE,...' with SITE among {self.sites}, "
-                                 f"got {pair!r}")
-            out[site] = value
+        out.update(self._site_pairs(self.bn_transform, f"one of {BN_TRANSFORMS} or 'SITE=VALUE,...'",
+                                    lambda v: v in BN_TRANSFORMS))
         return tuple(out[site] for site in self.sites)
+
+    def _site_pairs(self, text: str, expected: str, valid: Callable[[str], bool]) -> list[tuple[str, str]]:
+        """The (site, value) pairs of a "SITE=VALUE,..." key; ValueError naming the ``expected`` form when a pair
+        lacks "=", names a site not in the run or holds a value ``valid`` refuses."""
+        pairs = []
+        for pair in filter(None, (p.strip() for p in text.split(","))):
+            site, sep, value = pair.partition("=")
+            if not sep or site not in self.sites or not valid(value):
+                raise ValueError(f"must be {expected} with SITE among {self.sites}, got {pair!r}")
+            pairs.append((site, value))
+        return pairs
 
     @property
     def cache_size(self) -> int:
@@ -422,7 +428,8 @@ FEDERATION_ONLY_KEYS = frozenset({
     "num-server-rounds", "local-steps", "min-sites", "round-timeout", "compression", "fedavg-weights",
     "max-update-norm", "site-nodes", "min-prototype-images", "prototypes-per-class", "prototype-weight",
     "prototype-every", "summary-images", "bn-recalibration", "bn-transform", "eval-every", "optimizer-state",
-    "proximal-mu", "sgd-lr", "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta", "dp-clip"})
+    "proximal-mu", "sgd-lr", "server-lr", "server-momentum", "server-tau", "resume", "dp-epsilon", "dp-delta",
+    "dp-clip"})
 CENTRAL_ONLY_KEYS = frozenset({"epochs"})
 FEDERATED_KEYS = ("method", "num-server-rounds", "local-steps", "seed", "fold", "data-root", "output-dir",
                   "resume")

@@ -202,9 +202,10 @@ class SiteRunner:
         """Load the received weights with this site's BN, re-estimate the BN statistics under them
         (``bn-recalibration``, on the ``summary-images`` subset, through the site's ``bn-transform``), evaluate on
         the validation split and the test fold (``evaluate_now``) and compute this site's prototypes
-        (``prototypes_due``, methods that exchange them; through the same transform as the statistics). ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image:
-        a subset drawn by position would change with any added or removed image, and the clipped class sums would
-        lose their sensitivity bound."""
+        (``prototypes_due``, methods that exchange them; through the same transform as the statistics).
+        ``noise``: DP noise source (dp-epsilon > 0). With DP the prototypes summarise every training image: a subset
+        drawn by position would change with any added or removed image, and the clipped class sums would lose their
+        sensitivity bound."""
         cfg = self.config
         self._load(shared, local.bn if local is not None else None)
         images, labels = self.site.images, self.site.labels

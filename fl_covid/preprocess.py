@@ -19,8 +19,8 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
 The first three are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
 which of them, and which DICOM window, make a file a cached image); the last three run on cached batches like
 ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``, ``style-augment``,
-``spectrum-band``, ``random-convolution``), each image with its own random numbers: no spectrum or statistic of an image is used beyond
-it, so nothing leaves a site.
+``spectrum-band``, ``random-convolution``), each image with its own random numbers: no spectrum or statistic of
+an image is used beyond it, so nothing leaves a site.
 """
 
 from __future__ import annotations
@@ -58,6 +58,18 @@ def _check_grey(image: np.ndarray, name: str) -> np.ndarray:
     if img.ndim != 2 or img.dtype != np.uint8:
         raise ValueError(f"{name} needs a grey uint8 (H, W) image, got {img.dtype} of shape {img.shape}")
     return img
+
+
+def _check_batch(images: torch.Tensor, name: str) -> None:
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise ValueError(f"{name} needs a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}")
+
+
+def _body_values(img: np.ndarray) -> np.ndarray:
+    """The grey levels of the pixels inside ``body_mask``, or of the whole image when the body covers less than
+    MIN_BODY_AREA of it: (n,) uint8."""
+    mask = body_mask(img)
+    return img[mask] if mask.sum() >= MIN_BODY_AREA * img.size else img.ravel()
 
 
 def otsu_threshold(image: np.ndarray) -> int:
@@ -135,8 +147,7 @@ def standardize(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.n
     img = _check_grey(image, "standardize")
     if not 0 <= low < high <= 100:
         raise ValueError(f"standardize needs 0 <= low < high <= 100, got low={low}, high={high}")
-    mask = body_mask(img)
-    values = img[mask] if mask.sum() >= MIN_BODY_AREA * img.size else img.ravel()
+    values = _body_values(img)
     lo, hi = np.percentile(values, (low, high))
     if hi - lo < 1:
         return img.copy()
@@ -153,8 +164,7 @@ def equalize(image: np.ndarray) -> np.ndarray:
     so the audit's percentile and contrast statistics no longer tell images apart. Levels absent from the body map
     by the same formula (between their neighbours); a constant image becomes mid-grey (128)."""
     img = _check_grey(image, "equalize")
-    mask = body_mask(img)
-    values = img[mask] if mask.sum() >= MIN_BODY_AREA * img.size else img.ravel()
+    values = _body_values(img)
     hist = np.bincount(values, minlength=256).astype(np.float64)
     below = np.cumsum(hist) - hist  # pixels darker than each level
     lut = np.rint(255.0 * (below + hist / 2) / hist.sum()).astype(np.uint8)
@@ -195,8 +205,7 @@ def cue_augment(images: torch.Tensor, generator: torch.Generator, strength: floa
     All random numbers come from ``generator`` (a CPU generator) in a fixed amount per call, whether or not
     ``jpeg`` is set, so a seeded generator gives the same batch on any device up to floating-point rounding.
     """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"cue_augment needs a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}")
+    _check_batch(images, "cue_augment")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"cue_augment strength must be in [0, 1], got {strength}")
     b, _, s, _ = images.shape
@@ -291,8 +300,7 @@ def style_augment(images: torch.Tensor, generator: torch.Generator, strength: fl
     0 returns an unchanged copy. All random numbers come from ``generator`` (a CPU generator) in a fixed amount per
     call, so a seeded generator gives the same batch on any device up to floating-point rounding.
     """
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"style_augment needs a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}")
+    _check_batch(images, "style_augment")
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"style_augment strength must be in [0, 1], got {strength}")
     if not 0.0 < band <= 0.5:
@@ -323,9 +331,7 @@ def random_convolution(images: torch.Tensor, generator: torch.Generator, probabi
     standard deviation, then mixed with the image by a random weight in [0, 1] and clipped to the grey range:
     texture, sharpness and the sign of local contrast change, the anatomy's shapes stay. All random numbers come
     from ``generator`` (a CPU generator) in a fixed amount per call; 0 returns an unchanged copy."""
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
-        raise ValueError(f"random_convolution needs a uint8 (B, 1, S, S) batch, got {images.dtype} "
-                         f"{tuple(images.shape)}")
+    _check_batch(images, "random_convolution")
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"random_convolution probability must be in [0, 1], got {probability}")
     b, _, s, _ = images.shape
@@ -395,7 +401,7 @@ class Augmentation:
     cue: float
     style: float
     band: float
-    randconv: float = 0.0
+    randconv: float
 
     def __call__(self, crops: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 crops (B, 1, S, S) -> uint8 (B, 1, S, S)."""

@@ -132,7 +132,10 @@ def load_results(run_dir: Path, by_variant: bool = False) -> list[SiteResult]:
             raise ReportError(f"{run_dir / FINAL_METRICS} has no '{key}' (written by an older version?)")
     arch = config.get("arch", "redesigned")
     method = final["method"]
-    label = variant_of(run_dir, run_dir.name) if by_variant else method if arch == "redesigned" else f"{method} [{arch}]"
+    if by_variant:
+        label = variant_of(run_dir, run_dir.name)
+    else:
+        label = method if arch == "redesigned" else f"{method} [{arch}]"
     if final["protocol"] == "unseen-site":
         trained = tuple(final.get("trained_sites", ()))
         setting = f"unseen site, BN {final.get('bn')}, trained on {'+'.join(trained)}"
