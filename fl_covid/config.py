@@ -53,13 +53,15 @@ class Config:
     # DICOM slices: window on Hounsfield units mapped to 8-bit grey (default: the lung window)
     dicom_window_width: float = WINDOW_WIDTH
     dicom_window_level: float = WINDOW_LEVEL
-    # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square;
+    # preprocessing against dataset-specific cues (fl_covid.preprocess): crop to the body, padded square, or to the
+    # lungs alone;
     # robust per-image intensity standardisation, or histogram equalisation (not both); augmentation of zoom,
     # contrast/gamma, blur (strength in [0, 1]);
     # of the low-frequency amplitude spectrum (|u|, |v| <= spectrum-band cycles per pixel), grey-level warp, borders
     body_crop: bool = False
     standardize: bool = False
     equalize: bool = False
+    lung_crop: bool = False
     cue_augment: float = 0.0
     style_augment: float = 0.0
     random_convolution: float = 0.0  # probability of RandConv per training image (0 = off)
@@ -155,6 +157,8 @@ class Config:
         need(self.max_per_class >= 0, "max-per-class", "must be >= 0 (0 = all images)")
         need(0 < self.dicom_window_width < float("inf"), "dicom-window-width", "must be a finite number of HU > 0")
         need(abs(self.dicom_window_level) < float("inf"), "dicom-window-level", "must be a finite number of HU")
+        need(not (self.body_crop and self.lung_crop), "lung-crop",
+             "excludes body-crop (the lungs' crop lies inside the body's)")
         need(not (self.standardize and self.equalize), "equalize",
              "excludes standardize (equalisation already undoes any increasing intensity change)")
         need(0.0 <= self.cue_augment <= 1.0, "cue-augment", "must be in [0, 1] (0 = off)")
@@ -269,9 +273,9 @@ class Config:
 
     @property
     def preprocessing(self) -> Preprocessing:
-        """How files become cached images (DICOM window, body crop, standardisation or equalisation)."""
+        """How files become cached images (DICOM window, body or lung crop, standardisation or equalisation)."""
         return Preprocessing((self.dicom_window_width, self.dicom_window_level), self.body_crop, self.standardize,
-                             self.equalize)
+                             self.equalize, self.lung_crop)
 
     @property
     def effective_server_lr(self) -> float:

@@ -5,6 +5,9 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
 (``python -m fl_covid.experiments.audit``). These functions take those cues away or randomise them:
 
 - ``body_crop``: grey uint8 (H, W) -> the body's bounding box, padded to a square (aspect kept);
+- ``lung_crop``: grey uint8 (H, W) -> the lungs alone (``lung_mask``; everything else black), cropped to their
+  bounding box and padded to a square: framing, borders, text and the tissue around the lungs are gone, the lungs'
+  own grey levels (their density, the signal of an infiltrate) are kept;
 - ``standardize``: grey uint8 (H, W) -> the body's 1st..99th intensity percentiles stretched to 0..255;
 - ``equalize``: grey uint8 (H, W) -> every grey level replaced by its mid-rank among the body's pixels (histogram
   equalisation): every image's body then has the same, flat grey-level histogram;
@@ -16,7 +19,7 @@ intensity windowing, resolution and JPEG history, and inside each site these dif
 - ``random_convolution``: uint8 batch (B, 1, S, S) -> the same batch passed through a random convolution (RandConv,
   Xu et al. ICLR 2021): local texture, sharpness and contrast polarity randomised, shapes kept.
 
-The first three are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
+The first four are NumPy functions for decoding time (one image, before the square resize; ``Preprocessing`` says
 which of them, and which DICOM window, make a file a cached image); the last three run on cached batches like
 ``fl_covid.data.random_crops``, in training only (config keys ``cue-augment``, ``style-augment``,
 ``spectrum-band``, ``random-convolution``), each image with its own random numbers: no spectrum or statistic of
@@ -39,6 +42,12 @@ from fl_covid.dicom import WINDOW_LEVEL, WINDOW_WIDTH
 
 MIN_BODY_AREA = 0.1  # a body mask covering less of the image than this is not trusted: keep the whole image
 BODY_PART = 0.25  # components at least this fraction of the largest belong to the body too
+OUTSIDE_AIR_BORDER = 0.35  # a dark region along more than this fraction of the image's frame is air outside the body
+CORNER = 0.03  # ... as is one reaching into a corner square of this fraction of the shorter side
+MIN_LUNG = 0.01  # a lung is a dark region of at least this fraction of the image ...
+LUNG_PART = 0.15  # ... and of the largest one
+LUNG_CLOSING = 0.04  # closing radius, fraction of the shorter side: vessels, nodules, infiltrates join the lung
+MIN_LUNG_AREA = 0.05  # a lung mask covering less of the image than this is not trusted: keep the whole image
 MAX_BLUR_SIGMA = 1.5  # pixels of the batch, at strength 1
 MAX_SCALE = 0.2  # zoom factor in [1 - 0.2, 1 + 0.2] at strength 1
 MAX_LOG_GAMMA = 0.4
@@ -101,6 +110,60 @@ def body_mask(image: np.ndarray) -> np.ndarray:
     sizes[0] = 0
     keep = sizes >= BODY_PART * sizes.max()
     return ndimage.binary_fill_holes(keep[labels])
+
+
+def lung_mask(image: np.ndarray) -> np.ndarray:
+    """The lungs in a grey uint8 (H, W) slice (lung window): (H, W) bool, empty when none is found.
+
+    Pixels at or below Otsu's threshold, opened with a square of about 1% of the shorter side; of their connected
+    components, those along more than OUTSIDE_AIR_BORDER of the image's frame or reaching a corner are the air
+    around the body (a slice cropped to the chest keeps its lungs, which touch the frame at its sides only); the
+    others of at least MIN_LUNG of the image and LUNG_PART of the largest are lungs. These are closed with a disc of
+    LUNG_CLOSING x the shorter side and their holes filled, so that vessels and dense infiltrates inside a lung
+    belong to it. Mediastinal-window slices (lungs and fat both dark) are segmented poorly."""
+    img = _check_grey(image, "lung_mask")
+    h, w = img.shape
+    dark = img <= otsu_threshold(img)
+    r = max(1, round(0.01 * min(h, w)))
+    dark = ndimage.binary_opening(dark, structure=np.ones((2 * r + 1, 2 * r + 1), dtype=bool))
+    labels, n = ndimage.label(dark)
+    frame = np.zeros((h, w), dtype=bool)
+    frame[[0, -1], :] = frame[:, [0, -1]] = True
+    c = max(1, round(CORNER * min(h, w)))
+    corners = np.zeros((h, w), dtype=bool)
+    for rows in (slice(0, c), slice(h - c, h)):
+        for cols in (slice(0, c), slice(w - c, w)):
+            corners[rows, cols] = True
+    sizes = np.bincount(labels.ravel(), minlength=n + 1).astype(np.float64)
+    outside = ((np.bincount(labels[frame], minlength=n + 1) > OUTSIDE_AIR_BORDER * frame.sum())
+               | (np.bincount(labels[corners], minlength=n + 1) > 0))
+    sizes[0] = 0
+    sizes[outside] = 0
+    if sizes.max() == 0:
+        return np.zeros((h, w), dtype=bool)
+    lungs = ((sizes >= MIN_LUNG * h * w) & (sizes >= LUNG_PART * sizes.max()))[labels]
+    radius = max(1, round(LUNG_CLOSING * min(h, w)))
+    disc = np.hypot(*np.mgrid[-radius:radius + 1, -radius:radius + 1]) <= radius
+    closed = ndimage.binary_closing(np.pad(lungs, radius), structure=disc)[radius:-radius, radius:-radius]
+    return ndimage.binary_fill_holes(closed)
+
+
+def lung_crop(image: np.ndarray, margin: float = 0.02, min_area: float = MIN_LUNG_AREA) -> np.ndarray:
+    """The lungs of a grey uint8 (H, W) slice alone: (H, W) -> (L, L) uint8, L <= max(H, W).
+
+    Pixels outside ``lung_mask`` become 0; the result is the mask's bounding box plus ``margin`` x the longer side
+    (clipped to the image), padded with 0 to a square. When the mask covers less than ``min_area`` of the image
+    (no lungs found) the whole image is kept, padded to a square."""
+    img = _check_grey(image, "lung_crop")
+    h, w = img.shape
+    mask = lung_mask(img)
+    if mask.sum() < min_area * h * w:
+        return _pad_square(img, 0)
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    m = round(margin * max(h, w))
+    top, bottom = max(0, rows[0] - m), min(h, rows[-1] + 1 + m)
+    left, right = max(0, cols[0] - m), min(w, cols[-1] + 1 + m)
+    return _pad_square(np.where(mask, img, 0).astype(np.uint8)[top:bottom, left:right], 0)
 
 
 def _pad_square(image: np.ndarray, fill: int) -> np.ndarray:
@@ -362,15 +425,18 @@ def random_convolution(images: torch.Tensor, generator: torch.Generator, probabi
 class Preprocessing:
     """How a file becomes a cached image, the same in training, evaluation and prediction (recorded in every run's
     config): the DICOM ``window`` (width, level) in HU (``fl_covid.dicom``); ``body_crop``: crop to the body, padded
-    square (``body_crop``); ``standardize``: robust per-image intensity standardisation (``standardize``);
+    square (``body_crop``); ``lung_crop``: the lungs alone (``lung_crop``), not with ``body_crop``; ``standardize``: robust per-image intensity standardisation (``standardize``);
     ``equalize``: histogram equalisation on the body (``equalize``), after the crop; not with ``standardize``."""
 
     window: tuple[float, float] = (WINDOW_WIDTH, WINDOW_LEVEL)
     body_crop: bool = False
     standardize: bool = False
     equalize: bool = False
+    lung_crop: bool = False
 
     def __post_init__(self) -> None:
+        if self.body_crop and self.lung_crop:
+            raise ValueError("body_crop and lung_crop exclude each other (the lungs' crop lies inside the body's)")
         if self.standardize and self.equalize:
             raise ValueError("standardize and equalize exclude each other (equalisation already undoes any "
                              "increasing intensity change)")
@@ -379,6 +445,8 @@ class Preprocessing:
         """Grey uint8 (H, W) -> uint8 (L, L) cropped and/or uint8 (H, W) intensity-normalised, as set."""
         if self.body_crop:
             image = body_crop(image)
+        if self.lung_crop:
+            image = lung_crop(image)
         if self.standardize:
             image = standardize(image)
         if self.equalize:
@@ -388,7 +456,7 @@ class Preprocessing:
     @property
     def changes_pixels(self) -> bool:
         """Whether decoding applies any of the above (the DICOM window aside)."""
-        return self.body_crop or self.standardize or self.equalize
+        return self.body_crop or self.lung_crop or self.standardize or self.equalize
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Cue-removing preprocessing: body crop, intensity standardisation and equalisation, cue and style augmentation (spectrum, grey-level
+"""Cue-removing preprocessing: body and lung crop, intensity standardisation and equalisation, cue and style augmentation (spectrum, grey-level
 warp, borders), on synthetic slices with a known body and marks, and on real images from the embedded data."""
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from fl_covid.preprocess import (
     cue_augment,
     equalize,
     grey_warp,
+    lung_crop,
+    lung_mask,
     otsu_threshold,
     random_border,
     random_convolution,
@@ -92,6 +94,63 @@ def test_body_crop_falls_back_to_the_whole_image_and_fill_is_used():
     assert np.array_equal(body_crop(const), const)
     with pytest.raises(ValueError, match="grey uint8"):
         body_crop(img.astype(np.float32))
+
+
+def _lungs(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two lungs of ``_slice`` (rows, columns of the image's grid): (H, W) bool each."""
+    yy, xx = np.mgrid[:img.shape[0], :img.shape[1]]
+    cy, cx, ry, _ = ELLIPSE
+    return tuple(((yy - cy) / (0.7 * ry)) ** 2 + ((xx - lx) / 35) ** 2 <= 1 for lx in (cx - 45, cx + 45))
+
+
+def test_lung_mask_finds_both_lungs_with_their_infiltrates_and_not_the_air():
+    img = _slice()
+    left, right = _lungs(img)
+    cy, cx, _, _ = ELLIPSE
+    img[cy - 10:cy + 10, cx - 72:cx - 58] = 170  # a dense infiltrate inside the left lung ...
+    img[cy + 12:cy + 18, cx - 79:cx - 70] = 170  # ... and a smaller one biting into its edge
+    mask = lung_mask(img)
+    lungs = left | right
+    assert (mask & lungs).sum() >= 0.99 * lungs.sum()
+    assert mask[cy - 10:cy + 10, cx - 72:cx - 58].all() and mask[cy + 12:cy + 18, cx - 76:cx - 70].mean() >= 0.8
+    assert (mask & ~lungs).sum() <= 0.1 * lungs.sum()  # hardly any tissue, no air, no mark
+    assert not mask[:, :20].any() and not mask[5:20, 5:40].any()
+
+
+def test_lung_mask_of_a_slice_cropped_to_the_chest_keeps_lungs_that_touch_the_frame():
+    img = _slice(mark=False)
+    cy, cx, ry, _ = ELLIPSE
+    chest = img[cy - ry + 5:cy + ry - 5, cx - 70:cx + 70]  # the lungs reach the left and right edges
+    left, right = (lung[cy - ry + 5:cy + ry - 5, cx - 70:cx + 70] for lung in _lungs(img))
+    mask = lung_mask(chest)
+    assert (mask & left).sum() >= 0.97 * left.sum() and (mask & right).sum() >= 0.97 * right.sum()
+    assert (mask & ~(left | right)).sum() <= 0.1 * (left | right).sum()
+
+
+def test_lung_crop_keeps_the_lungs_alone_and_falls_back_to_the_whole_image():
+    img = _slice()
+    out = lung_crop(img)
+    left, right = _lungs(img)
+    cols = np.flatnonzero((left | right).any(axis=0))
+    assert out.dtype == np.uint8 and out.shape[0] == out.shape[1]
+    assert cols[-1] - cols[0] + 1 <= out.shape[1] <= cols[-1] - cols[0] + 2 * round(0.02 * W) + 12
+    assert out.max() < 120  # neither tissue nor the mark: lung grey levels and black
+    lung_pixels = out[out > 0]
+    assert abs(lung_pixels.mean() - img[left | right].mean()) < 3  # the lungs' own grey levels are kept
+    const = np.full((30, 40), 9, np.uint8)
+    assert np.array_equal(lung_crop(const)[5:35], const) and (lung_crop(const)[:5] == 0).all()
+    with pytest.raises(ValueError, match="grey uint8"):
+        lung_crop(img.astype(np.float32))
+
+
+def test_lung_crop_in_decoding_and_config(tmp_path: Path):
+    path = tmp_path / "slice.png"
+    Image.fromarray(_slice()).save(path)
+    out = decode_image(path, 32, Config(lung_crop=True).preprocessing)
+    plain = decode_image(path, 32)
+    assert out.shape == plain.shape == (32, 32) and out.max() < plain.max()  # the bright mark and tissue are gone
+    with pytest.raises(ConfigError, match="lung-crop"):
+        Config(lung_crop=True, body_crop=True)
 
 
 def test_standardize_undoes_linear_intensity_changes():
@@ -245,6 +304,8 @@ def test_real_images_from_the_embedded_data():
         with open(root / "manifest.csv", newline="", encoding="utf-8") as f:
             row = next(r for r in csv.DictReader(f) if r["label"] == "NonCOVID")
         img = np.asarray(Image.open(root / row["path"]).convert("L"))
+        lungs = lung_mask(img)
+        assert 0.2 * img.size <= lungs.sum() <= 0.8 * img.size  # the lungs, neither nothing nor the whole slice
         crop = body_crop(img)
         assert crop.dtype == np.uint8 and crop.shape[0] == crop.shape[1] <= max(img.shape)
         # the crop keeps the whole body: as much body as in the full image (no resizing in between)
