@@ -1,5 +1,6 @@
 """The K-fold x seeds runner: centralized folds partition the site by patient and are reused after a restart;
-federated fold-runs in one process each (two at a time) with an unseen-site evaluation; a failed `flwr run`
+federated fold-runs in one process each (two at a time) with an unseen-site evaluation, an interrupted one run again
+beside its remains; a failed `flwr run`
 judged by Flower's run status (real `flwr run`, private SuperLink, stopped afterwards)."""
 
 from __future__ import annotations
@@ -99,11 +100,10 @@ def test_stop_after_starts_no_fold_run_past_the_deadline(tmp_path: Path) -> None
 
 def test_federated_fold_runs_in_process_two_at_a_time_with_an_unseen_site(tmp_path: Path) -> None:
     out = tmp_path / "fed"
-    runner = make_runner(parse_args([
-        "--method", "fedbn", "--config", "configs/smoke.yaml", "--folds", "2", "--seeds", "1", "--jobs", "2",
-        "--set", "num-server-rounds=1", "--set", "local-steps=2", "--leave-out", SITE_B, "--bn", "average",
-        "--out", str(out), "--quiet"]))
-    assert runner.run()
+    argv = ["--method", "fedbn", "--config", "configs/smoke.yaml", "--folds", "2", "--seeds", "1", "--jobs", "2",
+            "--set", "num-server-rounds=1", "--set", "local-steps=2", "--leave-out", SITE_B, "--bn", "average",
+            "--out", str(out), "--quiet"]
+    assert make_runner(parse_args(argv)).run()
     record = json.loads((out / "protocol.json").read_text())
     assert (record["mode"], record["engine"], record["jobs"]) == ("federated", "inprocess", 2)
     assert record["sites"] == [SITE_A] and record["leave_out"] == SITE_B
@@ -118,6 +118,13 @@ def test_federated_fold_runs_in_process_two_at_a_time_with_an_unseen_site(tmp_pa
         assert (run_dir / f"site-{SITE_A}" / "model" / "model.pt").is_file()
         unseen = json.loads((Path(r["unseen"][0]) / "final_metrics.json").read_text())
         assert unseen["bn"] == "average" and unseen["sites"][SITE_B]["n"] == 24
+    # fold 0 interrupted after its site wrote its final model: run again beside it, fold 1 reused
+    first = Path(record["runs"][0]["run_dir"])
+    (first / "final_metrics.json").unlink()
+    assert make_runner(parse_args(argv)).run()
+    again = json.loads((out / "protocol.json").read_text())["runs"]
+    assert again[0]["run_dir"] == str(first.with_name("fedbn-run2")) and again[0]["status"] == "completed"
+    assert again[1]["run_dir"] == record["runs"][1]["run_dir"] and again[1]["detail"] == "done, skipped"
 
 
 @pytest.mark.slow

@@ -113,6 +113,15 @@ def finished_run(folder: Path, config: Config) -> Path | None:
     return None
 
 
+def fresh_run_id(folder: Path, method: str) -> int:
+    """The smallest run id whose run directory ``folder/<method>-run<id>`` does not exist: a fold-run interrupted
+    after some site wrote its final model (written once) is not continued but run again beside it."""
+    run_id = 1
+    while (folder / f"{method}-run{run_id}").exists():
+        run_id += 1
+    return run_id
+
+
 def app_config_name(file: str | Path) -> str:
     """``configs/NAME.yaml`` for a config file inside the app's configs/ folder; ConfigError otherwise."""
     path = Path(file).resolve()
@@ -158,7 +167,7 @@ def execute(plan: Plan, r: FoldRun) -> FoldRun:
             r.run_dir, r.status = str(run_central(config, plan.method, plan.show_progress)), "completed"
         elif plan.engine == "inprocess":
             run_config = default_run_config(**federated_run_config(plan, config, r.folder))
-            run_in_process(LocalGrid(run_config, len(config.sites)))
+            run_in_process(LocalGrid(run_config, len(config.sites), run_id=fresh_run_id(folder, plan.method)))
             r.run_dir = str(finished_run(folder, config) or "")
             r.status = "completed" if r.run_dir else "failed"
             r.detail = "" if r.run_dir else "the run ended without final metrics of every site"
