@@ -120,7 +120,8 @@ def lung_mask(image: np.ndarray) -> np.ndarray:
     around the body (a slice cropped to the chest keeps its lungs, which touch the frame at its sides only); the
     others of at least MIN_LUNG of the image and LUNG_PART of the largest are lungs. These are closed with a disc of
     LUNG_CLOSING x the shorter side and their holes filled, so that vessels and dense infiltrates inside a lung
-    belong to it. Mediastinal-window slices (lungs and fat both dark) are segmented poorly."""
+    belong to it. Known failures: mediastinal-window slices (lungs and fat both dark), and an air gap under the
+    scanner table that reaches neither a corner nor OUTSIDE_AIR_BORDER of the frame (taken for a lung)."""
     img = _check_grey(image, "lung_mask")
     h, w = img.shape
     dark = img <= otsu_threshold(img)
