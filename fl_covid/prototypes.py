@@ -83,7 +83,7 @@ def class_prototypes(projections: torch.Tensor, labels: torch.Tensor, num_classe
         if k == 0:
             continue
         assign = np.zeros(len(z), dtype=np.int64) if k == 1 else \
-            KMeans(k, n_init=3, random_state=seed).fit_predict(z.numpy())
+            KMeans(k, n_init=3, random_state=seed % 2**32).fit_predict(z.numpy())  # sklearn takes 32-bit seeds
         assign = _merge_small(torch.from_numpy(assign), z, min_count)
         for j in assign.unique().tolist():
             members = z[assign == j]

@@ -19,6 +19,8 @@ from fl_covid.config import load_config, project_root
 from fl_covid.federated import LocalState, shared_keys
 from fl_covid.metrics import METRIC_NAMES
 from fl_covid.model import COVIDNet, bn_keys, create_model
+from fl_covid.prototypes import class_prototypes
+from fl_covid.seeding import derive
 from tests.conftest import SITE_A, SITE_B, read_manifest, write_manifest
 from tests.inprocess import Delivery, RecordingGrid, run_dir, run_federation, shared_run, wire
 
@@ -157,6 +159,22 @@ def test_prototypes_round_trip_bitwise() -> None:
             other = received[R.P_SITES] == 1 - p
             assert bitwise_equal(received[R.P_VECTORS][other], sent[1 - p][R.P_VECTORS])
     assert R.PROTOTYPES not in grid.delivery(0, 3, "evaluate").reply.content  # the final summary sends none
+
+
+def test_sub_prototypes_with_a_run_derived_seed() -> None:
+    """prototypes-per-class > 1: k-means sub-prototypes of each class, seeded by the 63-bit seeds a run derives,
+    each row the unit mean of at least min_count images, the same for the same seed."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=g), dim=1)
+    z = torch.nn.functional.normalize(centres.repeat_interleave(30, 0) + 0.1 * torch.randn(120, 16, generator=g),
+                                      dim=1)
+    y = torch.tensor([0] * 60 + [1] * 60)
+    seed = derive(0, "prototypes", 1, 5)
+    assert seed >= 2**32  # beyond what scikit-learn takes as a seed
+    vectors, labels, counts = class_prototypes(z, y, per_class=2, min_count=20, seed=seed)
+    assert labels.tolist() == [0, 0, 1, 1] and counts.tolist() == [30, 30, 30, 30]
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(4))
+    assert torch.equal(vectors, class_prototypes(z, y, per_class=2, min_count=20, seed=seed)[0])
 
 
 def test_prototypes_through_the_training_transform_at_the_named_site_only(tmp_path: Path) -> None:
