@@ -160,11 +160,16 @@ def lung_crop(image: np.ndarray, margin: float = 0.02, min_area: float = MIN_LUN
     mask = lung_mask(img)
     if mask.sum() < min_area * h * w:
         return _pad_square(img, 0)
+    return _pad_square(np.where(mask, img, 0).astype(np.uint8)[_box(mask, margin)], 0)
+
+
+def _box(mask: np.ndarray, margin: float) -> tuple[slice, slice]:
+    """The bounding box of a non-empty (H, W) mask plus ``margin`` x the longer side on every side, clipped to the
+    image: (rows, columns) slices."""
+    h, w = mask.shape
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     m = round(margin * max(h, w))
-    top, bottom = max(0, rows[0] - m), min(h, rows[-1] + 1 + m)
-    left, right = max(0, cols[0] - m), min(w, cols[-1] + 1 + m)
-    return _pad_square(np.where(mask, img, 0).astype(np.uint8)[top:bottom, left:right], 0)
+    return slice(max(0, rows[0] - m), min(h, rows[-1] + 1 + m)), slice(max(0, cols[0] - m), min(w, cols[-1] + 1 + m))
 
 
 def _pad_square(image: np.ndarray, fill: int) -> np.ndarray:
@@ -190,16 +195,10 @@ def body_crop(image: np.ndarray, margin: float = 0.02, min_area: float = MIN_BOD
     img = _check_grey(image, "body_crop")
     h, w = img.shape
     mask = body_mask(img)
-    if mask.sum() >= min_area * h * w:
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        m = round(margin * max(h, w))
-        top, bottom = max(0, rows[0] - m), min(h, rows[-1] + 1 + m)
-        left, right = max(0, cols[0] - m), min(w, cols[-1] + 1 + m)
-    else:
-        top, bottom, left, right = 0, h, 0, w
+    box = _box(mask, margin) if mask.sum() >= min_area * h * w else (slice(0, h), slice(0, w))
     if fill is None:
         fill = int(np.percentile(img, 1))
-    return _pad_square(img[top:bottom, left:right], fill)
+    return _pad_square(img[box], fill)
 
 
 def standardize(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
