@@ -127,7 +127,8 @@ class Config:
     # auxiliary branch into the universal head (the branches' own CE always has weight 1)
     msnet_temperature: float = 2.0
     msnet_weight: float = 0.5
-    # server optimizer (fedadam, fedyogi: eta; fedavgm: server learning rate); 0 = the optimizer's usual value
+    # server step: fedadam / fedyogi: eta; fedavgm and the FedAvg methods: the server learning rate on the sites'
+    # mean update (on a FedAvg method a value other than 1 makes it FedAvgM without momentum); 0 = the usual value
     server_lr: float = 0.0
     server_momentum: float = 0.9  # fedavgm: momentum; fedadam / fedyogi: beta_1
     server_tau: float = 1e-3  # fedadam / fedyogi: adaptivity
@@ -199,6 +200,8 @@ class Config:
         need(self.msnet_temperature > 0, "msnet-temperature", "must be > 0")
         need(self.msnet_weight >= 0, "msnet-weight", "must be >= 0 (0 = auxiliary branches without distillation)")
         need(self.server_lr >= 0, "server-lr", "must be >= 0 (0 = the server optimizer's usual value)")
+        need(not self.spec.proximal or self.server_lr in (0, 1), "server-lr",
+             f"must be 0 or 1 for {self.method} (Flower's FedProx steps by the sites' mean update)")
         need(0 <= self.server_momentum < 1, "server-momentum", "must be in [0, 1)")
         need(self.server_tau > 0, "server-tau", "must be > 0")
         try:
@@ -279,8 +282,8 @@ class Config:
 
     @property
     def effective_server_lr(self) -> float:
-        """``server-lr``, or the server optimizer's usual value: 1.0 for FedAvgM, 3e-3 for FedAdam / FedYogi."""
-        return self.server_lr or (1.0 if self.spec.server_optimizer == "fedavgm" else 3e-3)
+        """``server-lr``, or the server optimizer's usual value: 3e-3 for FedAdam / FedYogi, 1.0 otherwise."""
+        return self.server_lr or (3e-3 if self.spec.server_optimizer in ("fedadam", "fedyogi") else 1.0)
 
     @property
     def min_sites_required(self) -> int:

@@ -384,7 +384,8 @@ def build_strategy(config: Config, run_name: str, size: int, proj_dim: int,
                    on_aggregated: Callable[[int, SitesMixin], None] | None = None,
                    signing: Signing | None = None) -> SitesMixin:
     """The strategy of ``config.method``: Flower's FedProx when the method has a proximal term, else the Flower
-    strategy of its server optimizer, with ``SitesMixin`` on top."""
+    strategy of its server optimizer (FedAvgM without momentum for a FedAvg method with ``server-lr`` other than 1),
+    with ``SitesMixin`` on top."""
     spec = config.spec
     base: type
     extra: dict[str, object] = {}
@@ -393,8 +394,9 @@ def build_strategy(config: Config, run_name: str, size: int, proj_dim: int,
     elif spec.server_optimizer in ("fedadam", "fedyogi"):
         base = FedAdam if spec.server_optimizer == "fedadam" else FedYogi
         extra = {"eta": config.effective_server_lr, "eta_l": config.lr, "beta_1": config.server_momentum, "tau": config.server_tau}
-    elif spec.server_optimizer == "fedavgm":
-        base, extra = FedAvgM, {"server_learning_rate": config.effective_server_lr, "server_momentum": config.server_momentum}
+    elif spec.server_optimizer == "fedavgm" or config.effective_server_lr != 1.0:  # a FedAvg step other than 1:
+        momentum = config.server_momentum if spec.server_optimizer == "fedavgm" else 0.0  # FedAvgM, no momentum
+        base, extra = FedAvgM, {"server_learning_rate": config.effective_server_lr, "server_momentum": momentum}
     else:
         base = FedAvg
     cls = type(f"Sites{base.__name__}", (SitesMixin, base), {})

@@ -259,6 +259,21 @@ def test_sound_replies_are_averaged_with_the_weights_the_server_computes() -> No
     assert np.allclose(arrays[R.FLAT].numpy(), expected, atol=1e-6)
 
 
+def test_a_server_step_other_than_one_scales_the_sites_mean_update() -> None:
+    """``server-lr`` on a FedAvg method (fedbn-proto): the server moves from its weights by server-lr times the
+    sites' mean update (FedAvgM without momentum)."""
+    config, replies = real_replies()
+    initial, _ = initial_shared(config)
+    start = R.flatten(initial, R.layout_of(initial))
+    strategy = strategy_for(config, min_sites=2, fedavg_weights="equal", server_lr=2.0)
+    strategy.current_arrays = R.weights_record(start)  # what the round's configure_train hands FedAvgM
+    arrays, _ = strategy.aggregate_train(1, replies)
+    mean = (flat(replies[0]).astype(np.float64) + flat(replies[1])) / 2
+    assert not np.allclose(mean, start, atol=1e-4)
+    assert np.allclose(arrays[R.FLAT].numpy(), start + 2 * (mean - start), atol=1e-5)
+    assert type(strategy_for(config)).__name__ == "SitesFedAvg"  # server-lr 0 (usual: 1): plain FedAvg
+
+
 def test_dataset_weights_are_pinned_at_the_first_reply(caplog: pytest.LogCaptureFixture) -> None:
     config, replies = real_replies()
     strategy = strategy_for(config, min_sites=1, fedavg_weights="dataset")

@@ -33,6 +33,7 @@ from fl_covid.reporting import PROTOCOL_TEXT
         ({"bn-transform": "site_x=train"}, "bn-transform"),  # not a site of the run
         ({"bn-transform": "site_a_sarscov2=resize"}, "bn-transform"),
         ({"equalize": True, "standardize": True}, "equalize"),
+        ({"method": "fedprox", "server-lr": 2.0}, "server-lr"),  # Flower's FedProx has no server step
     ],
 )
 def test_bad_values_raise_naming_the_key(overrides: dict, key: str) -> None:
