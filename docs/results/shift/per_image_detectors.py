@@ -1,14 +1,15 @@
 """Can a one-class detector built from one site's images alone flag the other site's images one by one?
 
 For a site model of ``fl-covid-central --method single`` (fold 0), fits one Gaussian (Ledoit-Wolf shrinkage, on
-standardised values) to each of three descriptions of the site's training images and scores, by Mahalanobis
-distance, the site's test fold and up to 400 + 400 images of the other site:
+standardised values) to each of three descriptions of the site's training images and scores the site's test fold
+and up to 400 + 400 images of the other site by three detectors (``scores``: the Mahalanobis distance, its
+typicality, the distance to the nearest training images):
 
 - the cue statistics of ``fl_covid.cues`` (what the shift profile uses, there as a mixture);
 - the whole pooled embedding (the profile uses a 64-dimensional random projection of it);
 - the per-channel means and log standard deviations of the stem and of every stage (the "style" of an image).
 
-Prints, per description, the rate flagged at the 95th percentile of the site's validation distances on its own
+Prints, per description and detector, the rate flagged above the 95th percentile of the site's validation scores on its own
 test fold (false positives) and on the other site (true positives), and the AUC separating the two.
 
     python docs/results/shift/per_image_detectors.py RUN_DIR OTHER_SITE
@@ -24,11 +25,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import NearestNeighbors
 
 from fl_covid.config import project_root
 from fl_covid.cues import image_statistics
 from fl_covid.data import eval_input, load_configured_site, load_site
 from fl_covid.site_model import load_site_model
+
+K_NEIGHBOURS = 10
 
 
 @torch.no_grad()
@@ -57,15 +61,29 @@ def describe(model: torch.nn.Module, images: torch.Tensor, image_size: int) -> t
     return torch.cat(styles).double().numpy(), torch.cat(embeddings).double().numpy()
 
 
-def rates(name: str, x: dict[str, np.ndarray]) -> None:
+def scores(x: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """Per-image novelty scores of every part of ``x`` (part -> (N, F), "train" among them) by three detectors
+    built from the standardised training part: the Mahalanobis distance to one Gaussian; its typicality, the
+    distance's departure from the validation part's median (an image too close to the centre is as unusual as one
+    too far); the mean Euclidean distance to the K_NEIGHBOURS nearest training images."""
     mean, std = x["train"].mean(0), x["train"].std(0)
     z = {k: np.nan_to_num((v - mean) / np.where(std > 0, std, 1.0)) for k, v in x.items()}
     lw = LedoitWolf().fit(z["train"])
     d = {k: np.sqrt(np.einsum("nf,fg,ng->n", v - lw.location_, lw.precision_, v - lw.location_)) for k, v in z.items()}
-    threshold = np.quantile(d["val"], 0.95)
-    auc = roc_auc_score(np.r_[np.zeros(len(d["test"])), np.ones(len(d["other"]))], np.r_[d["test"], d["other"]])
-    print(f"| {name} | {x['train'].shape[1]} | {np.mean(d['test'] > threshold):.3f} | "
-          f"{np.mean(d['other'] > threshold):.3f} | {auc:.3f} |")
+    centre = np.median(d["val"])
+    neighbours = NearestNeighbors(n_neighbors=K_NEIGHBOURS).fit(z["train"])
+    return {"Gaussian distance": d, "typicality": {k: np.abs(v - centre) for k, v in d.items()},
+            "nearest neighbours": {k: neighbours.kneighbors(v)[0].mean(1) for k, v in z.items() if k != "train"}}
+
+
+def rates(name: str, x: dict[str, np.ndarray]) -> None:
+    """One table row per detector: flagged above the 95th percentile of the validation part's scores."""
+    for detector, score in scores(x).items():
+        threshold = np.quantile(score["val"], 0.95)
+        auc = roc_auc_score(np.r_[np.zeros(len(score["test"])), np.ones(len(score["other"]))],
+                            np.r_[score["test"], score["other"]])
+        print(f"| {name} | {x['train'].shape[1]} | {detector} | {np.mean(score['test'] > threshold):.3f} | "
+              f"{np.mean(score['other'] > threshold):.3f} | {auc:.3f} |")
 
 
 def main(run_dir: str, other_site: str) -> None:
@@ -81,8 +99,8 @@ def main(run_dir: str, other_site: str) -> None:
     cues = {k: image_statistics(v) for k, v in images.items()}
     keep = np.isfinite(cues["train"]).all(0) & (cues["train"].std(0) > 0)
     print(f"{site.name} model: {', '.join(f'{k} {len(v)}' for k, v in images.items())} images\n")
-    print("| description | values | own test fold flagged | other site flagged | AUC own test vs other |")
-    print("|---|---|---|---|---|")
+    print("| description | values | detector | own test fold flagged | other site flagged | AUC own test vs other |")
+    print("|---|---|---|---|---|---|")
     rates("cue statistics", {k: v[:, keep] for k, v in cues.items()})
     rates("pooled embedding", {k: v[1] for k, v in described.items()})
     rates("per-channel mean and std, stem and stages", {k: v[0] for k, v in described.items()})
