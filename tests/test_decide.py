@@ -84,3 +84,30 @@ def test_no_runs_of_the_seeds_is_an_error(tmp_path: Path) -> None:
         main([str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "x"])
     assert exit_.value.code == 2
     assert write_decision([tmp_path], tmp_path / "o")  # a run without validation files still gives a frontier
+
+
+def test_paired_differences_against_a_reference(tmp_path: Path) -> None:
+    """The difference is the pooled AUC difference on the images both variants hold; the bootstrap interval
+    contains it, excludes 0 for a clear gain, and is exactly 0 for identical predictions."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    noise = rng.normal(0, 1, 300)
+    scores = {"default": 0.5 * (2 * y - 1) + noise, "better": 1.5 * (2 * y - 1) + noise, "same": None}
+    scores["same"] = scores["default"]
+    for variant, score in scores.items():
+        keep = 300 if variant == "default" else 250  # the reference holds 50 images more: left out of the pairs
+        val = {site: (y[:keep].tolist(), (1 / (1 + np.exp(-score[:keep]))).tolist()) for site in SITES}
+        fold_run(tmp_path / "runs", variant, "fedbn", 0, 1, val, 0.8, **{"local-steps": 10, "num-server-rounds": 2})
+    out = tmp_path / "decision"
+    assert main([str(tmp_path / "runs"), "--out", str(out), "--reference", "default"]) == 0
+    rows = {(r["variant"], r["site"]): r for r in csv.DictReader((out / "differences.csv").open())}
+    assert {v for v, _ in rows} == {"better", "same"}
+    better = rows["better", SITES[1]]
+    expected = 100 * (roc_auc_score(y[:250], scores["better"][:250]) - roc_auc_score(y[:250], scores["default"][:250]))
+    assert int(better["images"]) == 250 and float(better["difference"]) == pytest.approx(expected)
+    assert 0 < float(better["ci_low"]) < float(better["difference"]) < float(better["ci_high"])
+    same = rows["same", SITES[0]]
+    assert float(same["difference"]) == float(same["ci_low"]) == float(same["ci_high"]) == 0
+    assert "## Against default (paired bootstrap)" in (out / "validation.md").read_text()
+    with pytest.raises(ReportError, match="--reference 'nothing'"):
+        write_decision([tmp_path / "runs"], tmp_path / "o", reference="nothing")

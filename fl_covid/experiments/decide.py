@@ -1,6 +1,6 @@
 """Decisions on validation pooled over folds, and the frontier of the round shape.
 
-``fl-covid-decide RUN_DIR... --out DIR [--seeds 1,2]`` groups fold-runs into *variants*: the folder that
+``fl-covid-decide RUN_DIR... --out DIR [--seeds 1,2] [--reference VARIANT]`` groups fold-runs into *variants*: the folder that
 ``fl-covid-protocol --out`` wrote (the parent of ``fold<f>-seed<s>/``), else the run's method. It writes:
 
 - ``validation.md`` / ``validation.csv``: per variant and site, the validation predictions of all its fold-runs
@@ -8,6 +8,10 @@
   of 56 per fold, which a single fold's AUC cannot resolve. Beside it the variant's worst-site pooled AUC and the
   choice of the rule stated in docs/results.md before the runs: **the variant with the highest worst-site pooled
   validation AUC** (a federation is for every hospital, not the larger one's average). Test folds are not read.
+- with ``--reference VARIANT`` (a decision's default), ``differences.csv`` and a section of ``validation.md``: per
+  other variant and site, its pooled validation AUC minus the reference's on the images both hold (same fold,
+  seed and image), with a 95% interval from a paired bootstrap over those images (resampled within each class):
+  what the pooled validation can resolve. The rule does not read it.
 - ``frontier.md`` / ``frontier.png``: each site's test AUC (mean +- std over fold-runs) of the federated variants
   against local steps per round, one line per method, the centralized variants as horizontal lines, and the
   megabytes of weights each site sends and receives over the run on a second axis. For the final tables only.
@@ -43,6 +47,7 @@ from fl_covid.model import build_model
 from fl_covid.reporting import CONFIG_JSON, atomic_write_bytes, save_figure, write_csv
 
 BYTES_PER_VALUE = {"none": 4, "fp16": 2, "int8": 1}  # int8 adds one float32 scale per 16384 values
+BOOTSTRAP_RESAMPLES = 2000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,33 +92,70 @@ def load_fold_runs(paths: Iterable[str | Path], seeds: set[int] | None = None) -
     return runs
 
 
-def read_validation(run_dir: Path, site: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(labels (n,), P(COVID) (n,)) of one site's validation split in one fold-run, None when not written."""
+def read_validation(run_dir: Path, site: str) -> tuple[list[str], np.ndarray, np.ndarray] | None:
+    """(image paths, labels (n,), P(COVID) (n,)) of one site's validation split in one fold-run, None when not
+    written."""
     path = run_dir / f"site-{site}" / VAL_PREDICTIONS_CSV
     if not path.is_file():
         return None
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    return (np.array([int(r["label"]) for r in rows], dtype=np.int64),
+    return ([r["path"] for r in rows], np.array([int(r["label"]) for r in rows], dtype=np.int64),
             np.array([float(r["prob_covid"]) for r in rows], dtype=np.float64))
 
 
 def pooled_validation(runs: list[FoldRun]) -> list[dict[str, Any]]:
     """Per variant and site: fold-runs with validation predictions, images pooled, the pooled AUC (percent; NaN
     when the pool holds one class only) and the mean of the per-fold validation AUCs for comparison."""
-    pools: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    pools: dict[tuple[str, str], list[tuple[list[str], np.ndarray, np.ndarray]]] = {}
     for run in runs:
         for site in run.test_auc:
             if (read := read_validation(run.run_dir, site)) is not None:
                 pools.setdefault((run.variant, site), []).append(read)
     rows = []
     for (variant, site), parts in sorted(pools.items()):
-        labels, probs = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-        per_fold = [100 * roc_auc_score(y, p) for y, p in parts if len(np.unique(y)) == 2]
+        labels, probs = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+        per_fold = [100 * roc_auc_score(y, p) for _, y, p in parts if len(np.unique(y)) == 2]
         rows.append({"variant": variant, "site": site, "fold_runs": len(parts), "images": len(labels),
                      "pooled_val_auc": 100 * roc_auc_score(labels, probs) if len(np.unique(labels)) == 2
                      else float("nan"),
                      "mean_fold_val_auc": float(np.mean(per_fold)) if per_fold else float("nan")})
+    return rows
+
+
+def paired_differences(runs: list[FoldRun], reference: str, seed: int = 0) -> list[dict[str, Any]]:
+    """Per variant other than ``reference`` and site: the pooled validation AUC difference (variant minus
+    reference, percent) on the images both hold, keyed by (fold, seed, image), and its 95% paired bootstrap
+    interval (``BOOTSTRAP_RESAMPLES`` resamples, positives and negatives resampled separately)."""
+    by_image: dict[tuple[str, str], dict[tuple[int, int, str], tuple[int, float]]] = {}
+    for run in runs:
+        for site in run.test_auc:
+            if (read := read_validation(run.run_dir, site)) is not None:
+                pool = by_image.setdefault((run.variant, site), {})
+                pool.update({(run.fold, run.seed, path): (int(y), float(p)) for path, y, p in zip(*read)})
+    if not any(variant == reference for variant, _ in by_image):
+        raise ReportError(f"--reference {reference!r}: no variant of that name with validation predictions among "
+                          f"{sorted({v for v, _ in by_image})}")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (variant, site), pool in sorted(by_image.items()):
+        base = by_image.get((reference, site), {})
+        keys = sorted(pool.keys() & base.keys())
+        if variant == reference or not keys:
+            continue
+        labels = np.array([base[k][0] for k in keys])
+        ours, theirs = np.array([pool[k][1] for k in keys]), np.array([base[k][1] for k in keys])
+        if len(np.unique(labels)) < 2:
+            continue
+        diff = 100 * (roc_auc_score(labels, ours) - roc_auc_score(labels, theirs))
+        pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+        resampled = []
+        for _ in range(BOOTSTRAP_RESAMPLES):
+            i = np.concatenate([rng.choice(pos, len(pos)), rng.choice(neg, len(neg))])
+            resampled.append(100 * (roc_auc_score(labels[i], ours[i]) - roc_auc_score(labels[i], theirs[i])))
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        rows.append({"variant": variant, "reference": reference, "site": site, "images": len(keys),
+                     "difference": diff, "ci_low": float(low), "ci_high": float(high)})
     return rows
 
 
@@ -205,7 +247,7 @@ def _fmt(x: Any, digits: int = 1) -> str:
 
 
 def markdown(validation: list[dict[str, Any]], ranked: list[dict[str, Any]], front: list[dict[str, Any]],
-             seeds: set[int] | None) -> tuple[str, str]:
+             seeds: set[int] | None, differences: list[dict[str, Any]] | None = None) -> tuple[str, str]:
     """(validation.md, frontier.md)."""
     which = "all seeds" if seeds is None else f"seeds {', '.join(map(str, sorted(seeds)))}"
     v = ["# Validation pooled over folds", "",
@@ -219,6 +261,14 @@ def markdown(validation: list[dict[str, Any]], ranked: list[dict[str, Any]], fro
     v += [f"| {i} | {r['variant']} | {_fmt(r['worst_site_pooled_val_auc'])} |" for i, r in enumerate(ranked, 1)]
     if ranked and np.isfinite(ranked[0]["worst_site_pooled_val_auc"]):
         v += ["", f"**Choice: {ranked[0]['variant']}**."]
+    if differences:
+        v += ["", f"## Against {differences[0]['reference']} (paired bootstrap)", "",
+              (f"Pooled validation AUC of each variant minus the reference's on the images both hold, with a 95% "
+               f"interval from {BOOTSTRAP_RESAMPLES} paired bootstrap resamples of those images: what the pooled "
+               "validation can resolve (not read by the rule)."), "",
+              "| Variant | Site | images | difference | 95% interval |", "|---|---|---|---|---|"]
+        v += [f"| {r['variant']} | {r['site']} | {r['images']} | {r['difference']:+.1f} | "
+              f"{r['ci_low']:+.1f} to {r['ci_high']:+.1f} |" for r in differences]
     f = ["# Frontier: test AUC against local steps per round", "",
          (f"Fold-runs of {which}; test AUC mean ± std (percent). MB per site: weights received plus sent over the "
           "run (one copy each way per round, at the run's compression)."), "",
@@ -229,20 +279,25 @@ def markdown(validation: list[dict[str, Any]], ranked: list[dict[str, Any]], fro
     return "\n".join(v) + "\n", "\n".join(f) + "\n"
 
 
-def write_decision(paths: Iterable[str | Path], out: str | Path, seeds: set[int] | None = None) -> list[Path]:
+def write_decision(paths: Iterable[str | Path], out: str | Path, seeds: set[int] | None = None,
+                   reference: str = "") -> list[Path]:
     """Everything of ``fl-covid-decide``; returns the files written."""
     out = Path(out)
     runs = load_fold_runs(paths, seeds)
     validation = pooled_validation(runs)
     ranked = choose(validation, {s for r in runs for s in r.test_auc})
+    differences = paired_differences(runs, reference) if reference else []
     front = frontier(runs)
     out.mkdir(parents=True, exist_ok=True)
-    v_md, f_md = markdown(validation, ranked, front, seeds)
+    v_md, f_md = markdown(validation, ranked, front, seeds, differences)
     atomic_write_bytes(out / "validation.md", v_md.encode())
     atomic_write_bytes(out / "frontier.md", f_md.encode())
     write_csv(out / "validation.csv", validation)
     write_csv(out / "frontier.csv", front)
     files = [out / "validation.md", out / "validation.csv", out / "frontier.md", out / "frontier.csv"]
+    if differences:
+        write_csv(out / "differences.csv", differences)
+        files.append(out / "differences.csv")
     if any(r["federated"] for r in front):
         files.append(plot_frontier(front, out))
     return files
@@ -253,12 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", help="protocol folders (fl-covid-protocol --out) or run directories")
     parser.add_argument("--out", required=True, help="folder for validation.md/csv, frontier.md/csv/png")
     parser.add_argument("--seeds", default="", help="comma-separated seeds to include (default: all)")
+    parser.add_argument("--reference", default="", help="a variant (a decision's default): every other variant's "
+                        "pooled validation AUC difference against it, with a paired bootstrap interval")
     args = parser.parse_args(argv)
     if not all(s.strip().isdigit() for s in args.seeds.split(",") if s.strip()):
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
 
     def work() -> int:
-        files = write_decision(args.runs, args.out, {int(s) for s in args.seeds.split(",") if s.strip()} or None)
+        files = write_decision(args.runs, args.out, {int(s) for s in args.seeds.split(",") if s.strip()} or None,
+                               args.reference)
         print((Path(args.out) / "validation.md").read_text().strip())
         print(*files, sep="\n")
         return 0
