@@ -39,6 +39,14 @@ def test_bad_arguments_fail_before_training(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--bn"):
         make_runner(parse_args(["--method", "joint", *base, "--leave-out", SITE_B, "--bn", f"site:{SITE_B}"]))
     assert main(["--method", "joint", *base, "--seeds", "0"]) == 2
+    with pytest.raises(ConfigError, match="--from-seed"):
+        make_runner(parse_args(["--method", "joint", *base, "--seeds", "3", "--from-seed", "3"]))
+
+
+def test_from_seed_runs_only_the_later_seeds(tmp_path: Path) -> None:
+    runner = make_runner(parse_args(["--method", "joint", "--config", "configs/smoke.yaml", "--folds", "2",
+                                     "--seeds", "5", "--from-seed", "3", "--out", str(tmp_path), "--quiet"]))
+    assert [(r.fold, r.seed) for r in runner.runs] == [(0, 3), (1, 3), (0, 4), (1, 4)]
 
 
 def test_centralized_folds_partition_the_site_by_patient_and_are_reused(tmp_path: Path) -> None:

@@ -302,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds", type=int, default=4, help="K (default 4, as the paper)")
     parser.add_argument("--run-folds", help="comma-separated folds to run (default: all K), e.g. 0")
     parser.add_argument("--seeds", type=int, default=3, help="S: seeds 0..S-1 (default 3, as the paper)")
+    parser.add_argument("--from-seed", type=int, default=0, metavar="F",
+                        help="run seeds F..S-1 only (default 0), e.g. --seeds 5 --from-seed 3 for unseen folds")
     parser.add_argument("--protocol", choices=PROTOCOLS, help="split protocol (default: the config's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     parser.add_argument("--out", help="protocol folder (default: <output-dir>/protocol-<method>-<protocol>)")
@@ -325,6 +327,8 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
     """The runner for parsed arguments; ConfigError for settings that cannot work, before anything trains."""
     if args.seeds < 1 or args.jobs < 1:
         raise ConfigError("--seeds and --jobs must be >= 1")
+    if not 0 <= args.from_seed < args.seeds:
+        raise ConfigError(f"--from-seed {args.from_seed} must be in 0..{args.seeds - 1} (--seeds {args.seeds})")
     if getattr(args, "stop_after", None) is not None and args.stop_after <= 0:
         raise ConfigError("--stop-after must be > 0 minutes")
     overrides = parse_overrides(args.set)
@@ -356,7 +360,7 @@ def make_runner(args: argparse.Namespace) -> ProtocolRunner:
     plan = Plan(config, args.method, app_config_name(config_file) if METHODS[args.method].federated else config_file,
                 overrides, args.engine, federation_config, args.timeout, args.leave_out, bn_modes,
                 not args.quiet and args.jobs == 1)
-    return ProtocolRunner(plan, out.resolve(), list(range(args.seeds)),
+    return ProtocolRunner(plan, out.resolve(), list(range(args.from_seed, args.seeds)),
                           [int(f) for f in args.run_folds.split(",")] if args.run_folds else None, args.jobs)
 
 
