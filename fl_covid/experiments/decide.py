@@ -104,18 +104,26 @@ def read_validation(run_dir: Path, site: str) -> tuple[list[str], np.ndarray, np
             np.array([float(r["prob_covid"]) for r in rows], dtype=np.float64))
 
 
-def pooled_validation(runs: list[FoldRun]) -> list[dict[str, Any]]:
-    """Per variant and site: fold-runs with validation predictions, images pooled, the pooled AUC (percent; NaN
-    when the pool holds one class only) and the mean of the per-fold validation AUCs for comparison."""
-    pools: dict[tuple[str, str], list[tuple[list[str], np.ndarray, np.ndarray]]] = {}
+Validations = dict[tuple[str, str], list[tuple[FoldRun, tuple[list[str], np.ndarray, np.ndarray]]]]
+
+
+def read_validations(runs: list[FoldRun]) -> Validations:
+    """(variant, site) -> the (fold-run, ``read_validation``) of every fold-run that wrote validation predictions."""
+    pools: Validations = {}
     for run in runs:
         for site in run.test_auc:
             if (read := read_validation(run.run_dir, site)) is not None:
-                pools.setdefault((run.variant, site), []).append(read)
+                pools.setdefault((run.variant, site), []).append((run, read))
+    return pools
+
+
+def pooled_validation(pools: Validations) -> list[dict[str, Any]]:
+    """Per variant and site: fold-runs with validation predictions, images pooled, the pooled AUC (percent; NaN
+    when the pool holds one class only) and the mean of the per-fold validation AUCs for comparison."""
     rows = []
     for (variant, site), parts in sorted(pools.items()):
-        labels, probs = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
-        per_fold = [100 * roc_auc_score(y, p) for _, y, p in parts if len(np.unique(y)) == 2]
+        labels, probs = np.concatenate([p[1] for _, p in parts]), np.concatenate([p[2] for _, p in parts])
+        per_fold = [100 * roc_auc_score(y, p) for _, (_, y, p) in parts if len(np.unique(y)) == 2]
         rows.append({"variant": variant, "site": site, "fold_runs": len(parts), "images": len(labels),
                      "pooled_val_auc": 100 * roc_auc_score(labels, probs) if len(np.unique(labels)) == 2
                      else float("nan"),
@@ -123,16 +131,12 @@ def pooled_validation(runs: list[FoldRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def paired_differences(runs: list[FoldRun], reference: str, seed: int = 0) -> list[dict[str, Any]]:
+def paired_differences(pools: Validations, reference: str, seed: int = 0) -> list[dict[str, Any]]:
     """Per variant other than ``reference`` and site: the pooled validation AUC difference (variant minus
     reference, percent) on the images both hold, keyed by (fold, seed, image), and its 95% paired bootstrap
     interval (``BOOTSTRAP_RESAMPLES`` resamples, positives and negatives resampled separately)."""
-    by_image: dict[tuple[str, str], dict[tuple[int, int, str], tuple[int, float]]] = {}
-    for run in runs:
-        for site in run.test_auc:
-            if (read := read_validation(run.run_dir, site)) is not None:
-                pool = by_image.setdefault((run.variant, site), {})
-                pool.update({(run.fold, run.seed, path): (int(y), float(p)) for path, y, p in zip(*read)})
+    by_image = {key: {(run.fold, run.seed, path): (int(y), float(p))
+                      for run, read in parts for path, y, p in zip(*read)} for key, parts in pools.items()}
     if not any(variant == reference for variant, _ in by_image):
         raise ReportError(f"--reference {reference!r}: no variant of that name with validation predictions among "
                           f"{sorted({v for v, _ in by_image})}")
@@ -284,9 +288,10 @@ def write_decision(paths: Iterable[str | Path], out: str | Path, seeds: set[int]
     """Everything of ``fl-covid-decide``; returns the files written."""
     out = Path(out)
     runs = load_fold_runs(paths, seeds)
-    validation = pooled_validation(runs)
+    pools = read_validations(runs)
+    validation = pooled_validation(pools)
     ranked = choose(validation, {s for r in runs for s in r.test_auc})
-    differences = paired_differences(runs, reference) if reference else []
+    differences = paired_differences(pools, reference) if reference else []
     front = frontier(runs)
     out.mkdir(parents=True, exist_ok=True)
     v_md, f_md = markdown(validation, ranked, front, seeds, differences)
